@@ -1,0 +1,55 @@
+# callshield: every command a user or CI runs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYANNOTE_METRICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): requirements.txt pyproject.toml
+	bash scripts/install-system.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with every dependency and the `client` command
+
+protos: install ## regenerate the gRPC stubs from protos/
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/callshield/v1/detection.proto
+
+test: install ## the whole test suite (starts its own redis-server)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+run: install ## server with the in-process queue and the default model on 127.0.0.1:50051
+	$(PY) -m server --listen 127.0.0.1:50051 --model default --queue inprocess
+
+run-redis: install ## a local redis-server, two workers and the server
+	bash scripts/run-redis.sh
+
+train: install ## train the default model (resumable; runs/rawnet2-tel)
+	$(PY) -m models train models/configs/rawnet2_tel.yaml
+
+bench-models: install ## model EER and CPU throughput -> bench/results/models.{json,md}
+	$(PY) -m bench.models
+
+bench: install bench-models ## service latency and capacity -> bench/results/service.{json,md}
+	$(PY) -m bench.service
+
+bench-gpu: ## GPU worker throughput (needs only torch): bench/gpu.py
+	$(PYTHON) bench/gpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the callshield API (protos/callshield/; `make protos`)."""

@@ -1,0 +1,1 @@
+"""callshield.v1: generated from protos/callshield/v1/detection.proto; do not edit."""

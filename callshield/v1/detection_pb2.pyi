@@ -1,0 +1,177 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_LINEAR16: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_MULAW: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_ALAW: _ClassVar[AudioEncoding]
+
+class ChannelMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANNEL_MODE_UNSPECIFIED: _ClassVar[ChannelMode]
+    CHANNEL_MODE_MIXED: _ClassVar[ChannelMode]
+    CHANNEL_MODE_SPLIT: _ClassVar[ChannelMode]
+
+class SpeakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPEAKER_STATE_UNSPECIFIED: _ClassVar[SpeakerState]
+    SPEAKER_STATE_UNKNOWN: _ClassVar[SpeakerState]
+    SPEAKER_STATE_LIKELY_BONAFIDE: _ClassVar[SpeakerState]
+    SPEAKER_STATE_SPOOF_SUSPECTED: _ClassVar[SpeakerState]
+AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
+AUDIO_ENCODING_LINEAR16: AudioEncoding
+AUDIO_ENCODING_MULAW: AudioEncoding
+AUDIO_ENCODING_ALAW: AudioEncoding
+CHANNEL_MODE_UNSPECIFIED: ChannelMode
+CHANNEL_MODE_MIXED: ChannelMode
+CHANNEL_MODE_SPLIT: ChannelMode
+SPEAKER_STATE_UNSPECIFIED: SpeakerState
+SPEAKER_STATE_UNKNOWN: SpeakerState
+SPEAKER_STATE_LIKELY_BONAFIDE: SpeakerState
+SPEAKER_STATE_SPOOF_SUSPECTED: SpeakerState
+
+class StreamConfig(_message.Message):
+    __slots__ = ("encoding", "sample_rate_hz", "channels", "channel_mode", "call_id", "party_labels", "window_seconds", "hop_seconds", "interim_results", "alert_threshold")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MODE_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTY_LABELS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ALERT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    encoding: AudioEncoding
+    sample_rate_hz: int
+    channels: int
+    channel_mode: ChannelMode
+    call_id: str
+    party_labels: _containers.RepeatedScalarFieldContainer[str]
+    window_seconds: float
+    hop_seconds: float
+    interim_results: bool
+    alert_threshold: float
+    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ..., channel_mode: _Optional[_Union[ChannelMode, str]] = ..., call_id: _Optional[str] = ..., party_labels: _Optional[_Iterable[str]] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., alert_threshold: _Optional[float] = ...) -> None: ...
+
+class StreamDetectRequest(_message.Message):
+    __slots__ = ("config", "audio")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    config: StreamConfig
+    audio: bytes
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
+
+class WindowResult(_message.Message):
+    __slots__ = ("start_seconds", "end_seconds", "speaker", "spoof_probability", "model")
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    SPOOF_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    start_seconds: float
+    end_seconds: float
+    speaker: str
+    spoof_probability: float
+    model: str
+    def __init__(self, start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ..., speaker: _Optional[str] = ..., spoof_probability: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+
+class SpeakerVerdict(_message.Message):
+    __slots__ = ("speaker", "spoof_probability", "state", "speech_seconds")
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    SPOOF_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    speaker: str
+    spoof_probability: float
+    state: SpeakerState
+    speech_seconds: float
+    def __init__(self, speaker: _Optional[str] = ..., spoof_probability: _Optional[float] = ..., state: _Optional[_Union[SpeakerState, str]] = ..., speech_seconds: _Optional[float] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("speaker", "start_seconds", "end_seconds", "spoof_probability")
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SPOOF_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    speaker: str
+    start_seconds: float
+    end_seconds: float
+    spoof_probability: float
+    def __init__(self, speaker: _Optional[str] = ..., start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ..., spoof_probability: _Optional[float] = ...) -> None: ...
+
+class StreamSummary(_message.Message):
+    __slots__ = ("call_id", "speakers", "audio_seconds", "windows_scored")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    speakers: _containers.RepeatedCompositeFieldContainer[SpeakerVerdict]
+    audio_seconds: float
+    windows_scored: int
+    def __init__(self, call_id: _Optional[str] = ..., speakers: _Optional[_Iterable[_Union[SpeakerVerdict, _Mapping]]] = ..., audio_seconds: _Optional[float] = ..., windows_scored: _Optional[int] = ...) -> None: ...
+
+class StreamDetectResponse(_message.Message):
+    __slots__ = ("window", "verdict", "alert", "summary")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    window: WindowResult
+    verdict: SpeakerVerdict
+    alert: Alert
+    summary: StreamSummary
+    def __init__(self, window: _Optional[_Union[WindowResult, _Mapping]] = ..., verdict: _Optional[_Union[SpeakerVerdict, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ...) -> None: ...
+
+class DetectRequest(_message.Message):
+    __slots__ = ("audio", "config")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    audio: bytes
+    config: StreamConfig
+    def __init__(self, audio: _Optional[bytes] = ..., config: _Optional[_Union[StreamConfig, _Mapping]] = ...) -> None: ...
+
+class DetectResponse(_message.Message):
+    __slots__ = ("windows", "summary")
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    windows: _containers.RepeatedCompositeFieldContainer[WindowResult]
+    summary: StreamSummary
+    def __init__(self, windows: _Optional[_Iterable[_Union[WindowResult, _Mapping]]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("scale", "bias")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    bias: float
+    def __init__(self, scale: _Optional[float] = ..., bias: _Optional[float] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("name", "version", "architecture", "sample_rate_hz", "window_seconds", "calibration")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    architecture: str
+    sample_rate_hz: int
+    window_seconds: float
+    calibration: Calibration
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., window_seconds: _Optional[float] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...

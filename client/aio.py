@@ -1,0 +1,120 @@
+"""asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
+
+import grpc
+
+from callshield.v1 import detection_pb2 as pb
+from callshield.v1 import detection_pb2_grpc as pb_grpc
+from client.audio import CHUNK_SECONDS, read_audio
+from client.connection import Connection
+
+
+class AsyncDetectionClient:
+    """asyncio access to a callshield server; one client serves many concurrent calls.
+
+    Example::
+
+        import asyncio
+        from client import AsyncDetectionClient
+
+        async def main() -> None:
+            async with AsyncDetectionClient("127.0.0.1:50051") as client:
+                async for response in client.stream_file("examples/bonafide_call.wav"):
+                    if response.HasField("alert"):
+                        print("spoof suspected:", response.alert.speaker)
+
+        asyncio.run(main())
+
+    A status the server sends while the client is still writing (say INVALID_ARGUMENT for a
+    bad config) can surface here as INTERNAL "Internal error from Core": a known grpcio
+    asyncio bug (grpc/grpc#36066); :class:`client.DetectionClient` reports it faithfully.
+    """
+
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
+        root_certificates: str | Path | None = None,
+    ) -> None:
+        self.connection = Connection(target, token, tls, root_certificates)
+        credentials = self.connection.credentials()
+        options = self.connection.options
+        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(target, options))
+        self._stub = pb_grpc.DetectionServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncDetectionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(
+        self, config: pb.StreamConfig, audio: AsyncIterable[bytes] | Iterable[bytes]
+    ) -> AsyncIterator[pb.StreamDetectResponse]:
+        """Send ``config`` then each audio chunk; yield responses as they come.
+
+        Raises :class:`grpc.aio.AioRpcError` with the server's status on failure; leaving
+        the loop early cancels the call, which frees the stream on the server at once.
+        Bound it with ``asyncio.timeout`` where needed.
+        """
+
+        async def requests() -> AsyncIterator[pb.StreamDetectRequest]:
+            yield pb.StreamDetectRequest(config=config)
+            if isinstance(audio, AsyncIterable):
+                async for chunk in audio:
+                    yield pb.StreamDetectRequest(audio=chunk)
+            else:
+                for chunk in audio:
+                    yield pb.StreamDetectRequest(audio=chunk)
+
+        call = self._stub.StreamDetect(requests(), metadata=self.connection.metadata())
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()
+
+    async def stream_file(
+        self, path: str | Path, *, split: bool = False, realtime: bool = False,
+        call_id: str | None = None, alert_threshold: float = 0.0,
+        chunk_seconds: float = CHUNK_SECONDS,
+    ) -> AsyncIterator[pb.StreamDetectResponse]:
+        """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``."""
+        audio = read_audio(path)
+        config = audio.config(split=split, call_id=call_id, alert_threshold=alert_threshold)
+        chunks = audio.chunks(chunk_seconds)
+        source = _paced(chunks, chunk_seconds) if realtime else chunks
+        async for response in self.stream(config, source):
+            yield response
+
+    async def detect(
+        self, audio: bytes, config: pb.StreamConfig | None = None
+    ) -> pb.DetectResponse:
+        """Score a whole recording: WAV/FLAC bytes, or raw samples described by ``config``."""
+        return await self._stub.Detect(pb.DetectRequest(audio=audio, config=config),
+                                       metadata=self.connection.metadata())
+
+    async def detect_file(self, path: str | Path, *, split: bool = False) -> pb.DetectResponse:
+        mode = pb.CHANNEL_MODE_SPLIT if split else pb.CHANNEL_MODE_MIXED
+        return await self.detect(Path(path).read_bytes(), pb.StreamConfig(channel_mode=mode))
+
+    async def get_model(self) -> pb.GetModelResponse:
+        return await self._stub.GetModel(pb.GetModelRequest(),
+                                         metadata=self.connection.metadata())
+
+
+async def _paced(chunks: Iterable[bytes], seconds: float) -> AsyncIterator[bytes]:
+    t0 = time.monotonic()
+    for i, chunk in enumerate(chunks):
+        delay = t0 + i * seconds - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield chunk

@@ -1,0 +1,32 @@
+"""Channel options shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect sends whole recordings
+
+
+@dataclass(frozen=True)
+class Connection:
+    target: str = "127.0.0.1:50051"
+    token: str | None = None
+    tls: bool = False
+    root_certificates: str | Path | None = None  # PEM file; None: the system roots
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.tls or self.root_certificates):
+            return None
+        roots = Path(self.root_certificates).read_bytes() if self.root_certificates else None
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+
+    @property
+    def options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]

@@ -1,0 +1,99 @@
+"""Blocking client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+
+from callshield.v1 import detection_pb2 as pb
+from callshield.v1 import detection_pb2_grpc as pb_grpc
+from client.audio import CHUNK_SECONDS, read_audio
+from client.connection import Connection
+
+
+class DetectionClient:
+    """Blocking access to a callshield server.
+
+    Example::
+
+        from client import DetectionClient, verdict_name
+
+        with DetectionClient("127.0.0.1:50051") as client:
+            for response in client.stream_file("examples/spoof_call.wav", realtime=False):
+                if response.HasField("summary"):
+                    for v in response.summary.speakers:
+                        print(v.speaker, verdict_name(v.state), v.spoof_probability)
+    """
+
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
+        root_certificates: str | Path | None = None,
+    ) -> None:
+        self.connection = Connection(target, token, tls, root_certificates)
+        credentials = self.connection.credentials()
+        options = self.connection.options
+        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
+                         else grpc.insecure_channel(target, options))
+        self._stub = pb_grpc.DetectionServiceStub(self._channel)
+
+    def __enter__(self) -> DetectionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(
+        self, config: pb.StreamConfig, audio: Iterable[bytes], timeout: float | None = None
+    ) -> Iterator[pb.StreamDetectResponse]:
+        """Send ``config`` then each audio chunk; yield responses as they come.
+
+        Raises :class:`grpc.RpcError` with the server's status on failure.
+        """
+
+        def requests() -> Iterator[pb.StreamDetectRequest]:
+            yield pb.StreamDetectRequest(config=config)
+            for chunk in audio:
+                yield pb.StreamDetectRequest(audio=chunk)
+
+        yield from self._stub.StreamDetect(
+            requests(), metadata=self.connection.metadata(), timeout=timeout)
+
+    def stream_file(
+        self, path: str | Path, *, split: bool = False, realtime: bool = False,
+        call_id: str | None = None, alert_threshold: float = 0.0,
+        chunk_seconds: float = CHUNK_SECONDS,
+    ) -> Iterator[pb.StreamDetectResponse]:
+        """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``."""
+        audio = read_audio(path)
+        config = audio.config(split=split, call_id=call_id, alert_threshold=alert_threshold)
+        chunks = audio.chunks(chunk_seconds)
+        return self.stream(config, paced(chunks, chunk_seconds) if realtime else chunks)
+
+    def detect(self, audio: bytes, config: pb.StreamConfig | None = None,
+               timeout: float | None = None) -> pb.DetectResponse:
+        """Score a whole recording: WAV/FLAC bytes, or raw samples described by ``config``."""
+        return self._stub.Detect(pb.DetectRequest(audio=audio, config=config),
+                                 metadata=self.connection.metadata(), timeout=timeout)
+
+    def detect_file(self, path: str | Path, *, split: bool = False) -> pb.DetectResponse:
+        mode = pb.CHANNEL_MODE_SPLIT if split else pb.CHANNEL_MODE_MIXED
+        return self.detect(Path(path).read_bytes(), pb.StreamConfig(channel_mode=mode))
+
+    def get_model(self) -> pb.GetModelResponse:
+        return self._stub.GetModel(pb.GetModelRequest(), metadata=self.connection.metadata())
+
+
+def paced(chunks: Iterable[bytes], seconds: float) -> Iterator[bytes]:
+    """Release chunk ``i`` at ``i * seconds`` after the first, as a live call would."""
+    t0 = time.monotonic()
+    for i, chunk in enumerate(chunks):
+        delay = t0 + i * seconds - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield chunk

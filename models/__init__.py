@@ -1,0 +1,9 @@
+"""callshield.models: countermeasure architectures, ASVspoof data, training and scoring.
+
+Split the way pyannote.audio splits it: ``architectures`` (networks), ``data`` (corpus
+readers and augmentation), ``tasks`` (training problems), ``inference`` (loading a trained
+detector and scoring audio), ``metrics`` (official ASVspoof EER and min t-DCF).
+
+Score convention everywhere: class index 1 is bona fide, and a higher score means more
+likely bona fide, as in the official ASVspoof scripts.
+"""

@@ -1,0 +1,1 @@
+"""Training problems: what a model learns from which data, with which loss."""

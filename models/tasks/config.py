@@ -1,0 +1,68 @@
+"""Training configuration: one YAML file per model in ``models/configs/``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/corpus"
+    window_seconds: float = 4.0
+    # Random batch crops between these lengths teach the model the 1-4 s windows that the
+    # streaming service scores before a full window exists.
+    min_crop_seconds: float = 1.0
+    short_crop_probability: float = 0.5
+    limit: int | None = None  # first N training trials (smoke runs)
+    dev_limit: int | None = None
+    num_workers: int = 1
+
+    @property
+    def root_path(self) -> Path:
+        root = Path(self.root)
+        return root if root.is_absolute() else (REPO_ROOT / root).resolve()
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    bonafide_weight: float = 9.0  # official recipes: CE weights [0.1, 0.9]
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    architecture: str
+    model: dict[str, Any]
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: dict[str, Any] | None = None
+    version: str = "1"
+    output: str | None = None  # where the final checkpoint goes, relative to the repo
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        raw = yaml.safe_load(Path(path).read_text())
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        raw = dict(raw)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        data = DataConfig(**(raw.pop("data", None) or {}))
+        optim = OptimConfig(**(raw.pop("optim", None) or {}))
+        return cls(data=data, optim=optim, **raw)

@@ -1,0 +1,1 @@
+"""callshield detection server: gRPC streaming API, per-stream pipeline, inference queue."""

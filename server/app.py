@@ -1,0 +1,123 @@
+"""Building, running and draining the grpc.aio server around the servicer.
+
+Health follows the queue (NOT_SERVING while no worker or broker can take jobs), so load
+balancers route new calls elsewhere; shutdown first turns health NOT_SERVING, then lets open
+streams finish for ``grace_seconds`` before cancelling them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from callshield.v1 import detection_pb2 as pb
+from callshield.v1 import detection_pb2_grpc as pb_grpc
+from models.inference import Detector, load_detector
+from server import metrics
+from server.auth import BearerTokenInterceptor
+from server.config import ServerConfig
+from server.queue.base import InferenceQueue
+from server.queue.factory import make_queue
+from server.service import DetectionServicer
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DetectionService"].full_name
+HEALTH_POLL_SECONDS = 1.0
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect takes whole recordings
+log = structlog.get_logger("callshield.app")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    servicer: DetectionServicer
+    queue: InferenceQueue
+    health: health.aio.HealthServicer
+    _watcher: asyncio.Task[None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, drain open streams for ``grace`` seconds, close the queue."""
+        await self.health.enter_graceful_shutdown()
+        self._watcher.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._watcher
+        await self.server.stop(grace)
+        await self.queue.close()
+
+
+async def _watch_health(
+    queue: InferenceQueue, servicer: health.aio.HealthServicer
+) -> None:
+    last = None
+    while True:
+        try:
+            ok = await queue.healthy()
+        except Exception:  # an unreachable broker is a health state, not a crash
+            ok = False
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != last:
+            for name in ("", SERVICE_NAME):
+                await servicer.set(name, status)
+            log.info("health", serving=ok)
+            last = status
+        metrics.QUEUE_DEPTH.set(queue.depth())
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+
+async def start_server(
+    config: ServerConfig, detector: Detector | None = None,
+    queue: InferenceQueue | None = None,
+) -> RunningServer:
+    """Start serving ``config.listen`` (port 0 picks a free one; see ``RunningServer.port``)."""
+    detector = detector or load_detector(config.model, device=config.device)
+    queue = queue or make_queue(config, detector)
+    await queue.start()
+    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
+    servicer = DetectionServicer(detector, queue, config)
+    pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    watcher = asyncio.create_task(_watch_health(queue, health_servicer))
+    log.info("serving", listen=config.listen, port=port, model=detector.name,
+             queue=config.queue, auth=bool(config.auth_token), tls=bool(config.tls_cert))
+    return RunningServer(server, port, servicer, queue, health_servicer, watcher)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then drain."""
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", open_streams=len(running.servicer.sessions),
+             grace_seconds=config.grace_seconds)
+    await running.stop(config.grace_seconds)
+    log.info("stopped")

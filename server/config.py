@@ -1,0 +1,65 @@
+"""Server configuration: every flag has a ``CALLSHIELD_*`` environment variable, so the same
+image runs from a shell, systemd or Kubernetes without a wrapper script."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    model: str = "default"
+    queue: str = "inprocess"  # or "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    device: str = "cpu"  # in-process inference device: cpu, cuda or auto
+    metrics_port: int = 0  # 0: no metrics endpoint
+    auth_token: str = ""  # empty: no auth
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_streams: int = 200  # open streams beyond this get RESOURCE_EXHAUSTED
+    max_queue_depth: int = 2000  # windows waiting beyond this refuse new streams
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_inflight_per_stream: int = 8  # windows of one stream queued before it stops reading
+    grace_seconds: float = 10.0
+    log_level: str = "info"
+
+
+def _env(name: str, default: object) -> str:
+    return os.environ.get(f"CALLSHIELD_{name.upper()}", str(default))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Flags override environment variables, which override the defaults."""
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="callshield gRPC detection server (flags also read from CALLSHIELD_<FLAG>)",
+    )
+    p.add_argument("--listen", default=_env("listen", d.listen), help="host:port")
+    p.add_argument("--model", default=_env("model", d.model), help="model name or path")
+    p.add_argument("--queue", choices=["inprocess", "redis"], default=_env("queue", d.queue))
+    p.add_argument("--redis-url", default=_env("redis_url", d.redis_url))
+    p.add_argument("--device", default=_env("device", d.device))
+    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", d.metrics_port)))
+    p.add_argument("--auth-token", default=_env("auth_token", d.auth_token))
+    p.add_argument("--tls-cert", default=_env("tls_cert", d.tls_cert))
+    p.add_argument("--tls-key", default=_env("tls_key", d.tls_key))
+    p.add_argument("--max-streams", type=int, default=int(_env("max_streams", d.max_streams)))
+    p.add_argument("--max-queue-depth", type=int,
+                   default=int(_env("max_queue_depth", d.max_queue_depth)))
+    p.add_argument("--max-batch", type=int, default=int(_env("max_batch", d.max_batch)))
+    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", d.max_wait_ms)))
+    p.add_argument("--max-inflight-per-stream", type=int,
+                   default=int(_env("max_inflight_per_stream", d.max_inflight_per_stream)))
+    p.add_argument("--grace-seconds", type=float,
+                   default=float(_env("grace_seconds", d.grace_seconds)))
+    p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    return ServerConfig(**vars(args))

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the service, served over HTTP on ``--metrics-port``.
+
+Metrics live in the process-wide default registry so that the queue, the sessions and the
+servicer update them without passing a registry around.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+STREAMS_OPEN = Gauge("callshield_streams_open", "StreamDetect calls in progress")
+STREAMS_REJECTED = Counter(
+    "callshield_streams_rejected_total", "Streams refused, by reason", ["reason"]
+)
+WINDOWS_SCORED = Counter("callshield_windows_scored_total", "Windows scored")
+QUEUE_DEPTH = Gauge("callshield_queue_depth", "Windows accepted but not yet scored")
+BATCH_SIZE = Histogram(
+    "callshield_batch_size", "Windows per forward pass (in-process backend)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+INFERENCE_SECONDS = Histogram(
+    "callshield_inference_seconds", "Duration of one batched forward", buckets=LATENCY_BUCKETS
+)
+WINDOW_LATENCY_SECONDS = Histogram(
+    "callshield_window_latency_seconds",
+    "End to end: the chunk completing a window arriving -> its result going out",
+    buckets=LATENCY_BUCKETS,
+)
+ALERTS = Counter("callshield_alerts_total", "Spoof alerts raised")
+
+
+def observe_batch(size: int, seconds: float) -> None:
+    BATCH_SIZE.observe(size)
+    INFERENCE_SECONDS.observe(seconds)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> WSGIServer:
+    """Start the /metrics HTTP endpoint in a daemon thread; ``shutdown()`` stops it."""
+    httpd, _thread = start_http_server(port, addr)
+    return httpd

@@ -1,0 +1,160 @@
+"""The gRPC servicer: admission (stream limits), request validation and status codes.
+
+Everything about audio and scoring lives in :mod:`server.session`; this module only turns
+requests into sessions and exceptions into the documented gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+import grpc
+import numpy as np
+import structlog
+
+from callshield.v1 import detection_pb2 as pb
+from callshield.v1 import detection_pb2_grpc as pb_grpc
+from models.inference import Detector
+from server import metrics
+from server.audio import InvalidAudio, StreamDecoder, pcm_from_bytes, read_container, resample
+from server.config import ServerConfig
+from server.queue.base import InferenceQueue, QueueUnavailable
+from server.session import Session
+from server.settings import parse_settings
+
+DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
+log = structlog.get_logger("callshield.service")
+
+
+class DetectionServicer(pb_grpc.DetectionServiceServicer):
+    def __init__(self, detector: Detector, queue: InferenceQueue, config: ServerConfig):
+        self.detector = detector
+        self.queue = queue
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        if len(self.sessions) >= self.config.max_streams:
+            metrics.STREAMS_REJECTED.labels("max_streams").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server at its limit of {self.config.max_streams} open streams")
+        if self.queue.depth() > self.config.max_queue_depth:
+            metrics.STREAMS_REJECTED.labels("queue_depth").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "inference queue over capacity; retry later")
+
+    def _session(self, config: pb.StreamConfig) -> Session:
+        settings = parse_settings(config, self.detector.window_seconds)
+        return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
+                       max_inflight=self.config.max_inflight_per_stream)
+
+    async def _serve(
+        self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamDetectResponse]:
+        """Run a session, registered for limits and metrics, mapping errors to statuses."""
+        self.sessions[session.stream_id] = session
+        metrics.STREAMS_OPEN.inc()
+        session.log.info("stream open", speakers=list(session.attributor.speakers))
+        try:
+            async with aclosing(session.run(source)) as responses:
+                async for response in responses:
+                    yield response
+        except InvalidAudio as exc:
+            session.log.info("stream rejected", reason=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueUnavailable as exc:
+            session.log.warning("queue unavailable", reason=str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"inference unavailable: {exc}")
+        finally:
+            del self.sessions[session.stream_id]
+            metrics.STREAMS_OPEN.dec()
+            session.log.info("stream closed")
+
+    async def StreamDetect(
+        self, request_iterator: AsyncIterator[pb.StreamDetectRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamDetectResponse]:
+        await self._admit(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "empty stream: the first request must carry a StreamConfig")
+        if first.WhichOneof("streaming_request") != "config":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first request must carry a StreamConfig (audio came first)")
+        try:
+            session = self._session(first.config)
+            decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
+                                    session.settings.channels, session.settings.split,
+                                    self.detector.sample_rate)
+        except InvalidAudio as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async for response in self._serve(session, _decoded(request_iterator, decoder), context):
+            yield response
+
+    async def Detect(
+        self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetectResponse:
+        await self._admit(context)
+        config = pb.StreamConfig()
+        config.CopyFrom(request.config)
+        config.interim_results = True  # Detect returns every window
+        try:
+            if config.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
+                audio, rate = read_container(request.audio)
+                config.encoding, config.sample_rate_hz = pb.AUDIO_ENCODING_LINEAR16, rate
+                config.channels = audio.shape[1]
+                if audio.shape[1] > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:
+                    audio, config.channels = audio.mean(axis=1, keepdims=True), 1
+            else:
+                parse_settings(config, self.detector.window_seconds)  # format errors first
+                if not request.audio:
+                    raise InvalidAudio("empty audio")
+                audio = pcm_from_bytes(request.audio, config.encoding, config.channels or 1)
+            session = self._session(config)
+        except InvalidAudio as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not session.settings.split:
+            audio = audio.mean(axis=1, keepdims=True)
+        audio = resample(audio, session.settings.sample_rate, self.detector.sample_rate)
+        response = pb.DetectResponse()
+        async for event in self._serve(session, _slices(audio, self.detector.sample_rate),
+                                       context):
+            if event.HasField("window"):
+                response.windows.append(event.window)
+            elif event.HasField("summary"):
+                response.summary.CopyFrom(event.summary)
+        return response
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelResponse:
+        d = self.detector
+        return pb.GetModelResponse(
+            name=d.name, version=d.version, architecture=d.architecture,
+            sample_rate_hz=d.sample_rate, window_seconds=d.window_seconds,
+            calibration=pb.Calibration(scale=d.calibration.scale, bias=d.calibration.bias),
+        )
+
+
+async def _decoded(
+    requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder
+) -> AsyncIterator[list[np.ndarray]]:
+    async for request in requests:
+        kind = request.WhichOneof("streaming_request")
+        if kind == "config":
+            raise InvalidAudio("a second StreamConfig: only the first request carries one")
+        if kind is None:
+            raise InvalidAudio("a request with neither config nor audio")
+        yield decoder.decode(request.audio)
+    yield decoder.flush()
+
+
+async def _slices(audio: np.ndarray, rate: int) -> AsyncIterator[list[np.ndarray]]:
+    step = int(DETECT_FEED_SECONDS * rate)
+    for start in range(0, audio.shape[0], step):
+        chunk = audio[start : start + step]
+        yield [np.ascontiguousarray(chunk[:, ch]) for ch in range(chunk.shape[1])]

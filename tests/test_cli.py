@@ -1,0 +1,98 @@
+"""``python -m models score`` and ``evaluate`` end to end, and their errors (exit code 2)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from models.data.asvspoof import ASVspoofSplit, read_protocol
+from models.inference import NAMED_MODELS, load_detector
+from tests.paths import CORPUS, REPO, require
+
+ENV = {**os.environ, "PYANNOTE_METRICS_ENABLED": "false", "PYTHONPATH": str(REPO)}
+
+
+def run_models(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "models", *args], cwd=REPO, env=ENV, capture_output=True,
+        text=True, timeout=600,
+    )
+
+
+@pytest.fixture
+def small_protocol(tmp_path):
+    split = ASVspoofSplit(require(CORPUS), "dev")
+    lines = split.protocol_path.read_text().splitlines()
+    bona = [line for line in lines if line.endswith("bonafide")][:12]
+    spoof = [line for line in lines if line.endswith("spoof")][:24]
+    path = tmp_path / "small.trl.txt"
+    path.write_text("\n".join(bona + spoof) + "\n")
+    return path, split.audio_dir
+
+
+def test_score_then_evaluate(tmp_path, small_protocol):
+    protocol, audio_dir = small_protocol
+    out = tmp_path / "scores.txt"
+    done = run_models("score", "--model", "default", "--protocol", str(protocol),
+                      "--audio-dir", str(audio_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    lines = out.read_text().split("\n")[:-1]
+    assert [line.split()[0] for line in lines] == [t.utt_id for t in read_protocol(protocol)]
+    assert all(len(line.split()) == 2 for line in lines)
+    done = run_models("evaluate", "--scores", str(out), "--protocol", str(protocol), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert 0.0 <= result["eer"] <= 1.0 and set(result["eer_per_system"]) <= {
+        f"T0{i}" for i in range(1, 7)
+    }
+    text = run_models("evaluate", "--scores", str(out), "--protocol", str(protocol))
+    assert "pooled EER" in text.stdout
+
+
+def test_missing_audio_is_named_and_exits_2(tmp_path, small_protocol):
+    protocol, audio_dir = small_protocol
+    first = read_protocol(protocol)[0].utt_id
+    partial = tmp_path / "audio"
+    partial.mkdir()
+    for trial in read_protocol(protocol)[1:]:
+        shutil.copy(audio_dir / f"{trial.utt_id}.flac", partial)
+    done = run_models("score", "--protocol", str(protocol), "--audio-dir", str(partial),
+                      "--out", str(tmp_path / "s.txt"))
+    assert done.returncode == 2 and first in done.stderr
+    (partial / f"{first}.flac").write_bytes(b"garbage")
+    done = run_models("score", "--protocol", str(protocol), "--audio-dir", str(partial),
+                      "--out", str(tmp_path / "s.txt"))
+    assert done.returncode == 2 and first in done.stderr
+
+
+def test_missing_files_exit_2(tmp_path, small_protocol):
+    protocol, audio_dir = small_protocol
+    done = run_models("score", "--protocol", str(tmp_path / "nope.txt"), "--audio-dir",
+                      str(audio_dir), "--out", str(tmp_path / "s.txt"))
+    assert done.returncode == 2 and "nope.txt" in done.stderr
+    done = run_models("evaluate", "--scores", str(tmp_path / "none.txt"),
+                      "--protocol", str(protocol))
+    assert done.returncode == 2 and "none.txt" in done.stderr
+    done = run_models("score", "--model", str(tmp_path / "model.pt"), "--protocol",
+                      str(protocol), "--audio-dir", str(audio_dir), "--out", "x.txt")
+    assert done.returncode == 2 and "model.pt" in done.stderr
+
+
+@pytest.mark.slow
+def test_default_model_reproduces_its_card_on_dev(tmp_path):
+    """The acceptance line: score + evaluate on the dev split gives the model card's EER."""
+    split = ASVspoofSplit(require(CORPUS), "dev")
+    card = load_detector(NAMED_MODELS["default"]).card
+    out = tmp_path / "dev.txt"
+    done = run_models("score", "--model", "default", "--protocol", str(split.protocol_path),
+                      "--audio-dir", str(split.audio_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    done = run_models("evaluate", "--scores", str(out), "--protocol",
+                      str(split.protocol_path), "--json")
+    result = json.loads(done.stdout)
+    assert result["eer"] == pytest.approx(card["dev_eer"]["pooled"], abs=1e-3)
+    for system, eer in result["eer_per_system"].items():
+        assert eer == pytest.approx(card["dev_eer"][system], abs=3e-3)

@@ -1,0 +1,224 @@
+"""The Redis queue end to end: a real redis-server (``redis_server`` fixture), real worker
+processes (``python -m server.worker``), the real default model. Each test uses its own key
+prefix, so workers of one test never see another test's jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from models.inference import Detector, load_detector
+from server.batching import score_jobs
+from server.queue.base import QueueUnavailable, WindowJob, WindowScore
+from server.queue.redis_queue import GROUP, RedisKeys, RedisQueue
+from tests.conftest import free_port, start_redis, stop_process
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 8000
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def start_worker(url: str, prefix: str, consumer: str, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYANNOTE_METRICS_ENABLED": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.worker", "--redis", url, "--model", "default",
+         "--device", "cpu", "--prefix", prefix, "--consumer", consumer, "--threads", "1",
+         "--claim-idle-ms", "1000", "--heartbeat-ttl", "2", "--log-level", "warning", *extra],
+        cwd=ROOT, env=env)
+
+
+def wait_ready(url: str, prefix: str, consumer: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until the worker's heartbeat key exists (it loads the model first)."""
+    client = redis.Redis.from_url(url)
+    key = RedisKeys("default", prefix).heartbeat(consumer)
+    deadline = time.monotonic() + 90
+    while not client.exists(key):
+        assert proc.poll() is None, f"worker {consumer} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"worker {consumer} not ready after 90 s"
+        time.sleep(0.1)
+    client.close()
+
+
+def window(seed: int, seconds: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def jobs(n: int, seconds: float = 4.0, start: int = 0) -> list[WindowJob]:
+    return [WindowJob(f"w{i}", f"s{i % 5}", window(i, seconds)) for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    return load_detector("default")
+
+
+@pytest.fixture(scope="module")
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: str, prefix: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The survivor: one worker for the whole module (it also reclaims the victim's jobs)."""
+    proc = start_worker(redis_server, prefix, "survivor", "--max-batch", "16")
+    try:
+        wait_ready(redis_server, prefix, "survivor", proc)
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+async def queue(redis_server: str, prefix: str) -> AsyncIterator[RedisQueue]:
+    q = RedisQueue(redis_server, "default", prefix=prefix, job_timeout=30.0)
+    await q.start()
+    yield q
+    await q.close()
+
+
+async def test_unhealthy_without_worker_and_payloads_expire(redis_server: str) -> None:
+    q = RedisQueue(redis_server, "default", prefix=f"t{uuid.uuid4().hex[:8]}",
+                   job_timeout=1.5, audio_ttl=1)
+    await q.start()
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        assert await q.healthy() is False
+        task = asyncio.create_task(q.submit(jobs(1)[0]))
+        pattern = f"{q.keys.prefix}:audio:*"
+        deadline = time.monotonic() + 1
+        keys: list[bytes] = []
+        while not keys and time.monotonic() < deadline:
+            keys = [k async for k in client.scan_iter(match=pattern)]
+            await asyncio.sleep(0.01)
+        assert len(keys) == 1
+        assert 0 < await client.ttl(keys[0]) <= 1
+        assert q.depth() == 1
+        with pytest.raises(QueueUnavailable, match="not scored within"):
+            await task  # nobody scores it: a clean error, not a hang
+        assert q.depth() == 0
+        await asyncio.sleep(0.3)  # 1.5 s after the SET: past its 1 s TTL
+        assert await client.exists(keys[0]) == 0
+    finally:
+        await client.aclose()
+        await q.close()
+
+
+async def test_unavailable_quickly_when_redis_is_down() -> None:
+    q = RedisQueue(f"redis://127.0.0.1:{free_port()}/0", "default", job_timeout=30.0)
+    await q.start()
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailable):
+        await q.submit(jobs(1)[0])
+    assert time.monotonic() - started < 1.0
+    assert await q.healthy() is False
+    await q.close()
+
+    # Redis dying under a started queue: the outstanding window fails, the next one too.
+    proc, url = start_redis()
+    q = RedisQueue(url, "default", job_timeout=30.0)
+    await q.start()
+    try:
+        pending = asyncio.create_task(q.submit(jobs(1)[0]))
+        await asyncio.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        started = time.monotonic()
+        with pytest.raises(QueueUnavailable):
+            await pending
+        with pytest.raises(QueueUnavailable):
+            await q.submit(jobs(1)[0])
+        assert time.monotonic() - started < 3.0
+        assert await q.healthy() is False
+    finally:
+        stop_process(proc)
+        await q.close()
+
+
+async def test_scores_match_direct_scoring(
+    worker: subprocess.Popen[bytes], queue: RedisQueue, detector: Detector
+) -> None:
+    assert await queue.healthy() is True
+    # Early windows of a stream are 1, 2 and 3 s long: lengths mix within a batch.
+    batch = jobs(3, 4.0) + jobs(2, 1.0, start=10) + jobs(1, 2.5, start=20)
+    got = await asyncio.gather(*(queue.submit(j) for j in batch))
+    expected = score_jobs(detector, batch)
+    for g, e in zip(got, expected, strict=True):
+        assert isinstance(g, WindowScore)
+        assert g.job_id == e.job_id and g.model == e.model
+        assert g.score == pytest.approx(e.score, abs=1e-4)
+        assert g.spoof_probability == pytest.approx(e.spoof_probability, abs=1e-3)
+    assert queue.depth() == 0
+
+
+async def test_concurrent_windows_are_batched(
+    worker: subprocess.Popen[bytes], queue: RedisQueue
+) -> None:
+    results = await asyncio.gather(*(queue.submit(j) for j in jobs(24)))
+    assert [r.job_id for r in results] == [f"w{i}" for i in range(24)]
+    assert sum(queue.batch_sizes.values()) == 24
+    assert max(queue.batch_sizes) > 1, queue.batch_sizes
+
+
+async def test_killed_worker_jobs_are_reclaimed(
+    worker: subprocess.Popen[bytes], queue: RedisQueue, redis_server: str, prefix: str
+) -> None:
+    victim = start_worker(redis_server, prefix, "victim", "--max-batch", "8")
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        wait_ready(redis_server, prefix, "victim", victim)
+        submitted = [asyncio.create_task(queue.submit(j)) for j in jobs(40)]
+        deadline = time.monotonic() + 30
+        while True:  # until the victim holds unacknowledged jobs, i.e. is mid-batch
+            held = await client.xpending_range(queue.keys.jobs, GROUP, "-", "+", 100,
+                                               consumername="victim")
+            if held:
+                break
+            assert time.monotonic() < deadline, "the victim never took a job"
+            await asyncio.sleep(0.005)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        results = await asyncio.gather(*submitted)
+        assert sorted(r.job_id for r in results) == sorted(f"w{i}" for i in range(40))
+        pending = await client.xpending(queue.keys.jobs, GROUP)
+        assert pending["pending"] == 0
+    finally:
+        stop_process(victim)
+        await client.aclose()
+
+
+async def test_sigterm_finishes_the_batch_in_hand(
+    worker: subprocess.Popen[bytes], queue: RedisQueue, redis_server: str, prefix: str
+) -> None:
+    """Runs last: it stops the module's worker. Health goes False once it has gone."""
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        submitted = [asyncio.create_task(queue.submit(j)) for j in jobs(8, start=100)]
+        deadline = time.monotonic() + 30
+        while True:
+            held = await client.xpending_range(queue.keys.jobs, GROUP, "-", "+", 100,
+                                               consumername="survivor")
+            if len(held) == 8:
+                break
+            assert time.monotonic() < deadline, f"survivor holds {len(held)} of 8 jobs"
+            await asyncio.sleep(0.002)
+        worker.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*submitted)
+        assert len(results) == 8
+        assert await asyncio.to_thread(worker.wait, 30) == 0
+        assert await queue.healthy() is False
+    finally:
+        await client.aclose()

@@ -1,0 +1,168 @@
+"""Operations over real gRPC: health, reflection, auth, limits, concurrency, dropped clients,
+draining, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
+
+from callshield.v1 import detection_pb2 as pb
+from callshield.v1 import detection_pb2_grpc as pb_grpc
+from models.inference import Detector
+from server import metrics
+from server.app import SERVICE_NAME, RunningServer
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import (
+    collect,
+    linear16_chunks,
+    noise_pcm,
+    requests,
+    serving,
+    stream_config,
+)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        return response.status
+
+
+async def test_health_follows_the_queue(server: RunningServer) -> None:
+    assert await _health(server.port) == SERVING
+    await server.queue.close()  # no worker: new windows cannot be scored
+    for _ in range(50):
+        if await _health(server.port) == NOT_SERVING:
+            break
+        await asyncio.sleep(0.1)
+    assert await _health(server.port) == NOT_SERVING
+
+
+async def test_reflection_lists_services(server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"callshield.v1.DetectionService", "grpc.health.v1.Health"} <= names
+
+
+async def test_auth_token(detector: Detector) -> None:
+    async with serving(detector, auth_token="s3cret") as running, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.DetectionServiceStub(channel)
+        for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetModel(pb.GetModelRequest(), metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub, requests(stream_config(), []))  # no metadata
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = (("authorization", "Bearer s3cret"),)
+        assert (await stub.GetModel(pb.GetModelRequest(), metadata=ok)).name == detector.name
+        reqs = requests(stream_config(), linear16_chunks(noise_pcm(1.0)))
+        responses = [r async for r in stub.StreamDetect(iter(reqs), metadata=ok)]
+        assert responses[-1].summary.windows_scored == 1
+        assert await _health(running.port) == SERVING  # probes need no token
+
+
+async def test_over_capacity_is_resource_exhausted(detector: Detector) -> None:
+    async with serving(detector, max_streams=1) as running, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.DetectionServiceStub(channel)
+        open_call = stub.StreamDetect()
+        await open_call.write(pb.StreamDetectRequest(config=stream_config()))
+        for _ in range(50):
+            if running.servicer.sessions:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(stub, requests(stream_config(), []))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Detect(pb.DetectRequest(audio=b"\x00\x00", config=stream_config()))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await open_call.done_writing()
+        assert (await open_call.read()).HasField("summary")
+
+
+async def test_twenty_concurrent_streams(stub: pb_grpc.DetectionServiceStub) -> None:
+    streams = [requests(stream_config(call_id=f"call-{i}"), linear16_chunks(noise_pcm(6, seed=i)))
+               for i in range(20)]
+    results = await asyncio.gather(*(collect(stub, reqs) for reqs in streams))
+    for i, responses in enumerate(results):
+        summary = responses[-1].summary
+        assert (summary.call_id, summary.windows_scored) == (f"call-{i}", 6)
+
+
+async def test_dropped_client_frees_its_state(server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = pb_grpc.DetectionServiceStub(channel).StreamDetect()
+        await call.write(pb.StreamDetectRequest(config=stream_config()))
+        for chunk in linear16_chunks(noise_pcm(2.5)):
+            await call.write(pb.StreamDetectRequest(audio=chunk))
+        assert (await call.read()).HasField("window")
+        assert len(server.servicer.sessions) == 1
+        call.cancel()
+    for _ in range(100):
+        if not server.servicer.sessions:
+            break
+        await asyncio.sleep(0.02)
+    assert not server.servicer.sessions
+    assert server.queue.depth() == 0
+
+
+async def test_graceful_stop_drains_open_streams(detector: Detector) -> None:
+    async with serving(detector) as running, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = pb_grpc.DetectionServiceStub(channel).StreamDetect()
+        await call.write(pb.StreamDetectRequest(config=stream_config()))
+        (chunk,) = linear16_chunks(noise_pcm(2.0), seconds=2.0)
+        await call.write(pb.StreamDetectRequest(audio=chunk))
+        stopping = asyncio.create_task(running.stop(5))
+        await asyncio.sleep(0.2)
+        await call.done_writing()
+        responses = [r async for r in call]
+        await stopping
+        assert responses[-1].summary.windows_scored == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+async def test_metrics_endpoint(stub: pb_grpc.DetectionServiceStub) -> None:
+    def scored() -> float:
+        return REGISTRY.get_sample_value("callshield_windows_scored_total") or 0.0
+
+    before = scored()
+    await collect(stub, requests(stream_config(), linear16_chunks(noise_pcm(2.0))))
+    assert scored() == before + 2
+    httpd = metrics.serve(_free_port(), "127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/metrics"
+        text = await asyncio.to_thread(_get, url)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    for name in ("callshield_streams_open", "callshield_window_latency_seconds_bucket",
+                 "callshield_batch_size_bucket", "callshield_queue_depth"):
+        assert name in text

@@ -1,0 +1,112 @@
+"""Units of the stream pipeline: decoding, settings, windows, aggregation (no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from callshield.v1 import detection_pb2 as pb
+from models.data.augment import alaw_encode, mulaw_encode
+from server.aggregation import CallAggregator
+from server.audio import MAX_CHUNK_BYTES, InvalidAudio, StreamDecoder, pcm_from_bytes
+from server.settings import parse_settings
+from server.windowing import Windower
+
+
+def _pcm(n: int, channels: int = 1) -> np.ndarray:
+    return (np.arange(n * channels, dtype=np.int32) % 2000 - 1000).astype(np.int16).reshape(
+        n, channels)
+
+
+def test_decoders_agree_on_g711_and_linear16() -> None:
+    pcm = _pcm(800)[:, 0]
+    linear = pcm_from_bytes(pcm.astype("<i2").tobytes(), pb.AUDIO_ENCODING_LINEAR16, 1)
+    mulaw = pcm_from_bytes(mulaw_encode(pcm).tobytes(), pb.AUDIO_ENCODING_MULAW, 1)
+    alaw = pcm_from_bytes(alaw_encode(pcm).tobytes(), pb.AUDIO_ENCODING_ALAW, 1)
+    assert linear.shape == mulaw.shape == alaw.shape == (800, 1)
+    assert np.abs(mulaw - linear).max() < 0.002 and np.abs(alaw - linear).max() < 0.002
+
+
+def test_split_deinterleaves_and_mixed_downmixes() -> None:
+    stereo = np.stack([np.full(80, 1000), np.full(80, -3000)], axis=1).astype("<i2")
+    split = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 8000, 2, True, 8000).decode(
+        stereo.tobytes())
+    assert [round(float(c[0]) * 32768) for c in split] == [1000, -3000]
+    mixed = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 8000, 2, False, 8000).decode(
+        stereo.tobytes())
+    assert len(mixed) == 1 and round(float(mixed[0][0]) * 32768) == -1000
+
+
+def test_streaming_resampler_keeps_duration() -> None:
+    decoder = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 16000, 1, False, 8000)
+    chunk = _pcm(1600).astype("<i2").tobytes()
+    total = sum(decoder.decode(chunk)[0].shape[0] for _ in range(10))
+    total += decoder.flush()[0].shape[0]
+    assert total == 8000
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"\x00\x01\x02", "not a whole number"), (b"", "empty"),
+    (b"\x00" * (MAX_CHUNK_BYTES + 2), "exceeds"),
+])
+def test_decoder_rejects_bad_chunks(data: bytes, message: str) -> None:
+    decoder = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 8000, 1, False, 8000)
+    with pytest.raises(InvalidAudio, match=message):
+        decoder.decode(data)
+
+
+def test_settings_defaults_and_labels() -> None:
+    cfg = pb.StreamConfig(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=8000, channels=2,
+                          channel_mode=pb.CHANNEL_MODE_SPLIT)
+    s = parse_settings(cfg, 4.0)
+    assert (s.window_seconds, s.hop_seconds, s.alert_threshold) == (4.0, 1.0, 0.5)
+    assert s.speakers == ("A", "B")
+    cfg.party_labels[:] = ["agent", "caller"]
+    assert parse_settings(cfg, 4.0).speakers == ("agent", "caller")
+    cfg.party_labels[:] = ["agent"]
+    with pytest.raises(InvalidAudio, match="one party label per channel"):
+        parse_settings(cfg, 4.0)
+
+
+def test_windows_grow_then_slide_with_a_bounded_buffer() -> None:
+    w = Windower(8000, 4.0, 1.0)
+    windows = []
+    for _ in range(70):  # 7 s in 100 ms chunks
+        windows += w.push(np.full(800, 0.1, np.float32))
+    assert [(x.start, x.end) for x in windows] == [
+        (0, 1), (0, 2), (0, 3), (0, 4), (1, 5), (2, 6), (3, 7)]
+    assert all(x.audio.shape[0] == (x.end - x.start) * 8000 for x in windows)
+    assert w._buf.shape[0] <= 4 * 8000
+    assert windows[-1].speech_total == pytest.approx(7.0)
+    assert w.flush() == []  # nothing unscored
+    w.push(np.full(4000, 0.1, np.float32))
+    (tail,) = w.flush()
+    assert (tail.start, tail.end) == (3.5, 7.5)
+
+
+def test_silence_is_not_speech() -> None:
+    w = Windower(8000, 4.0, 1.0)
+    (window,) = w.push(np.full(8000, 1e-4, np.float32))
+    assert not window.has_speech and window.speech_total == 0
+
+
+def test_hysteresis_and_one_alert_per_speaker() -> None:
+    agg = CallAggregator(threshold=0.5)
+    track = agg.track("B")
+    probs = [0.9, 0.9, 0.9, 0.45, 0.1, 0.1, 0.9, 0.9]
+    events = [track.update(p, i, i + 1, float(i + 1)) for i, p in enumerate(probs)]
+    assert track.state == pb.SPEAKER_STATE_SPOOF_SUSPECTED
+    alerts = [a for _, a in events if a is not None]
+    assert len(alerts) == 1 and alerts[0].speaker == "B"
+    # unknown for the first second of speech, then confirmed by two windows
+    assert [changed for changed, _ in events][:3] == [False, True, False]
+    summary = agg.summary("c", 8.0)
+    assert summary.speakers[0].state == pb.SPEAKER_STATE_SPOOF_SUSPECTED
+    assert summary.windows_scored == 8
+
+
+def test_low_scores_become_likely_bonafide() -> None:
+    track = CallAggregator().track("A")
+    for i in range(4):
+        track.update(0.05, i, i + 1, float(i + 1))
+    assert track.state == pb.SPEAKER_STATE_LIKELY_BONAFIDE and not track.alerted
