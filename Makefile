@@ -7,16 +7,18 @@ STAMP := $(VENV)/.installed
 export PYANNOTE_METRICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean
+.PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
+	bench-diarization train-diarization bench-plugins plugins
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	bash scripts/install-system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -47,6 +49,21 @@ bench-models: install ## model EER and CPU throughput -> bench/results/models.{j
 
 bench: install bench-models ## service latency and capacity -> bench/results/service.{json,md}
 	$(PY) -m bench.service
+
+bench-diarization: install ## DER, streaming RTF, per-speaker alerts -> bench/results/diarization.{json,md}
+	$(PY) -m bench.diarization
+
+train-diarization: install ## simulate calls, train the segmentation model (diarization/MODEL_CARD.md)
+	$(PY) -m diarization.simulate runs/diarization/sim --train 240 --dev 24
+	nice -n 19 $(PY) -m diarization.train runs/diarization/sim/database.yml --minutes 25
+
+bench-plugins: install ## plugin latency per 20 ms frame, calls held -> bench/results/plugins.{json,md}
+	$(PY) -m bench.plugins
+
+plugins: install ## the telephony plugins beside a server on 127.0.0.1:50051 (docs/telephony.md)
+	$(PY) -m plugins serve --audiosocket 127.0.0.1:9092 --twilio 127.0.0.1:8080/twilio \
+		--freeswitch 127.0.0.1:8080/fork --audiohook 127.0.0.1:8080/audiohook \
+		--detector 127.0.0.1:50051
 
 bench-gpu: ## GPU worker throughput (needs only torch): bench/gpu.py
 	$(PYTHON) bench/gpu.py

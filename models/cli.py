@@ -138,6 +138,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from models.card import render_card
+    from models.inference import load_detector
+
+    print(render_card(load_detector(args.model)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asv-scores", help="ASVspoof 2019 ASV score file, for min t-DCF")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("card", help="print a checkpoint's model card as Markdown")
+    p.add_argument("--model", default="default")
+    p.set_defaults(func=_card)
     return parser
 
 

@@ -27,6 +27,7 @@ from server.config import ServerConfig
 from server.queue.base import InferenceQueue
 from server.queue.factory import make_queue
 from server.service import DetectionServicer
+from server.speakers import load_diarization
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DetectionService"].full_name
 HEALTH_POLL_SECONDS = 1.0
@@ -86,7 +87,10 @@ async def start_server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
-    servicer = DetectionServicer(detector, queue, config)
+    diarization = load_diarization(config.diarization, config.diarization_segmentation,
+                                   config.diarization_pipeline, config.diarization_step,
+                                   detector.sample_rate)
+    servicer = DetectionServicer(detector, queue, config, diarization)
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -103,7 +107,8 @@ async def start_server(
     await server.start()
     watcher = asyncio.create_task(_watch_health(queue, health_servicer))
     log.info("serving", listen=config.listen, port=port, model=detector.name,
-             queue=config.queue, auth=bool(config.auth_token), tls=bool(config.tls_cert))
+             queue=config.queue, diarization=diarization is not None,
+             auth=bool(config.auth_token), tls=bool(config.tls_cert))
     return RunningServer(server, port, servicer, queue, health_servicer, watcher)
 
 

@@ -27,6 +27,16 @@ class ServerConfig:
     max_inflight_per_stream: int = 8  # windows of one stream queued before it stops reading
     grace_seconds: float = 10.0
     log_level: str = "info"
+    # MIXED streams: off, on, or auto (on when the committed checkpoint and packages exist).
+    # Off here so that embedding the server (tests, tools) stays light; `python -m server`
+    # defaults to auto (see DIARIZATION_CLI_DEFAULT).
+    diarization: str = "off"
+    diarization_segmentation: str = ""  # segmentation .ckpt; "" = diarization/checkpoints
+    diarization_pipeline: str = ""  # official pyannote pipeline directory for Detect
+    diarization_step: float = 0.5  # seconds between two streaming diarization steps
+
+
+DIARIZATION_CLI_DEFAULT = "auto"
 
 
 def _env(name: str, default: object) -> str:
@@ -59,7 +69,21 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--grace-seconds", type=float,
                    default=float(_env("grace_seconds", d.grace_seconds)))
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    p.add_argument("--diarization", choices=["off", "on", "auto"],
+                   default=_env("diarization", DIARIZATION_CLI_DEFAULT),
+                   help="diarize MIXED streams (auto: when the checkpoint exists)")
+    p.add_argument("--diarization-segmentation", metavar="CKPT",
+                   default=_env("diarization_segmentation", d.diarization_segmentation),
+                   help="segmentation checkpoint (default: diarization/checkpoints)")
+    p.add_argument("--diarization-pipeline", metavar="DIR",
+                   default=_env("diarization_pipeline", d.diarization_pipeline),
+                   help="local official pyannote pipeline for Detect (loaded offline)")
+    p.add_argument("--diarization-step", type=float,
+                   default=float(_env("diarization_step", d.diarization_step)),
+                   help="seconds between streaming diarization steps (0.25 to 1)")
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    if not 0.25 <= args.diarization_step <= 1.0:
+        p.error("--diarization-step must lie in [0.25, 1]")
     return ServerConfig(**vars(args))

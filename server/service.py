@@ -21,18 +21,21 @@ from server import metrics
 from server.audio import InvalidAudio, StreamDecoder, pcm_from_bytes, read_container, resample
 from server.config import ServerConfig
 from server.queue.base import InferenceQueue, QueueUnavailable
-from server.session import Session
+from server.session import Session, SpeakerAttributor
 from server.settings import parse_settings
+from server.speakers import Diarization
 
 DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
 log = structlog.get_logger("callshield.service")
 
 
 class DetectionServicer(pb_grpc.DetectionServiceServicer):
-    def __init__(self, detector: Detector, queue: InferenceQueue, config: ServerConfig):
+    def __init__(self, detector: Detector, queue: InferenceQueue, config: ServerConfig,
+                 diarization: Diarization | None = None):
         self.detector = detector
         self.queue = queue
         self.config = config
+        self.diarization = diarization  # None: MIXED streams are one speaker
         self.sessions: dict[str, Session] = {}
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> None:
@@ -45,10 +48,15 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "inference queue over capacity; retry later")
 
-    def _session(self, config: pb.StreamConfig) -> Session:
+    def _session(self, config: pb.StreamConfig,
+                 attributor: SpeakerAttributor | None = None) -> Session:
+        """A session; MIXED streams are diarized live when diarization is on, unless
+        ``attributor`` (offline turns, for Detect) is given."""
         settings = parse_settings(config, self.detector.window_seconds)
+        if attributor is None and not settings.split and self.diarization is not None:
+            attributor = self.diarization.stream_attributor()
         return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
-                       max_inflight=self.config.max_inflight_per_stream)
+                       max_inflight=self.config.max_inflight_per_stream, attributor=attributor)
 
     async def _serve(
         self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],
@@ -114,12 +122,17 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                 if not request.audio:
                     raise InvalidAudio("empty audio")
                 audio = pcm_from_bytes(request.audio, config.encoding, config.channels or 1)
-            session = self._session(config)
+            settings = parse_settings(config, self.detector.window_seconds)
         except InvalidAudio as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not session.settings.split:
+        if not settings.split:
             audio = audio.mean(axis=1, keepdims=True)
-        audio = resample(audio, session.settings.sample_rate, self.detector.sample_rate)
+        audio = resample(audio, settings.sample_rate, self.detector.sample_rate)
+        attributor = None
+        if not settings.split and self.diarization is not None:
+            # a whole recording: diarize it offline first, then score per speaker
+            attributor = await self.diarization.offline_attributor(audio[:, 0])
+        session = self._session(config, attributor)
         response = pb.DetectResponse()
         async for event in self._serve(session, _slices(audio, self.detector.sample_rate),
                                        context):

@@ -33,23 +33,35 @@ FIRST_WINDOW_SECONDS = 1.0
 class SpeakerAttributor(Protocol):
     """Who speaks in the decoded audio: the seam where diarization plugs in for MIXED calls.
 
-    Given one chunk per decoded channel, returns audio per speaker, each as long as the chunk
-    (a speaker's silent parts zeroed), so that window times stay call times.
+    Given one chunk per decoded channel, returns audio per speaker (a speaker's silent parts
+    zeroed). Every call returns the same length for all speakers it names, and the lengths add
+    up to call time, so that window times stay call times; a diarizer may lag (return less
+    now, the rest later and in ``flush``) and may name new speakers as the call goes on
+    (``speakers`` grows); an entry with the empty label ``""`` carries call time that no
+    speaker holds yet. ``blocking`` attributors (model inference) run in a worker thread.
     """
 
     speakers: Sequence[str]
+    blocking: bool
 
     def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]: ...
 
+    def flush(self) -> list[tuple[str, np.ndarray]]: ...
+
 
 class ChannelAttributor:
-    """One speaker per channel: SPLIT calls, and MIXED calls until diarization exists."""
+    """One speaker per channel: SPLIT calls, and MIXED calls with diarization off."""
+
+    blocking = False
 
     def __init__(self, speakers: Sequence[str]) -> None:
         self.speakers = tuple(speakers)
 
     def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
         return list(zip(self.speakers, channels, strict=True))
+
+    def flush(self) -> list[tuple[str, np.ndarray]]:
+        return []
 
 
 @dataclass
@@ -79,14 +91,11 @@ class Session:
         self.stream_id = stream_id
         self.model_rate = model_rate
         self.attributor = attributor or ChannelAttributor(settings.speakers)
-        self.windowers = {
-            s: Windower(model_rate, settings.window_seconds, settings.hop_seconds,
-                        FIRST_WINDOW_SECONDS)
-            for s in self.attributor.speakers
-        }
+        self.windowers: dict[str, Windower] = {}
+        self._attributed = 0  # samples of call time handed to the windowers so far
         self.aggregator = CallAggregator(settings.alert_threshold)
         for speaker in self.attributor.speakers:
-            self.aggregator.track(speaker)
+            self._windower(speaker)
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: asyncio.Queue[_Pending | _Failed | object] = asyncio.Queue()
         self._job_ids = itertools.count()
@@ -96,6 +105,37 @@ class Session:
     @property
     def audio_seconds(self) -> float:
         return max((w.total for w in self.windowers.values()), default=0) / self.model_rate
+
+    def _windower(self, speaker: str) -> Windower:
+        """The speaker's windower; one that appears mid-call starts at the current call time."""
+        if speaker not in self.windowers:
+            self.windowers[speaker] = Windower(
+                self.model_rate, self.settings.window_seconds, self.settings.hop_seconds,
+                FIRST_WINDOW_SECONDS, start_sample=self._attributed)
+            self.aggregator.track(speaker)
+        return self.windowers[speaker]
+
+    async def _attribute(self, channels: Sequence[np.ndarray] | None) -> list[tuple[str, Window]]:
+        """Windows completed by one chunk (``None``: the end of the stream)."""
+        a = self.attributor
+        if channels is None:
+            parts = await asyncio.to_thread(a.flush) if a.blocking else a.flush()
+        elif a.blocking:
+            parts = await asyncio.to_thread(a.attribute, channels)
+        else:
+            parts = a.attribute(channels)
+        windows = []
+        length = 0
+        for speaker, audio in parts:
+            length = audio.shape[0]
+            if speaker:
+                windows += [(speaker, w) for w in self._windower(speaker).push(audio)]
+        self._attributed += length
+        for speaker, windower in self.windowers.items():  # silent in this chunk: keep time
+            if windower.total < self._attributed:
+                gap = np.zeros(self._attributed - windower.total, np.float32)
+                windows += [(speaker, w) for w in windower.push(gap)]
+        return windows
 
     async def run(
         self, source: AsyncIterator[Sequence[np.ndarray]]
@@ -135,10 +175,11 @@ class Session:
         try:
             async for channels in source:
                 received = time.perf_counter()
-                for speaker, audio in self.attributor.attribute(channels):
-                    for window in self.windowers[speaker].push(audio):
-                        await self._submit(speaker, window, received)
+                for speaker, window in await self._attribute(channels):
+                    await self._submit(speaker, window, received)
             received = time.perf_counter()
+            for speaker, window in await self._attribute(None):
+                await self._submit(speaker, window, received)
             for speaker, windower in self.windowers.items():
                 for window in windower.flush():
                     await self._submit(speaker, window, received)

@@ -52,18 +52,21 @@ class Windower:
 
     def __init__(
         self, sample_rate: int, window_seconds: float, hop_seconds: float,
-        first_seconds: float = 1.0,
+        first_seconds: float = 1.0, start_sample: int = 0,
     ) -> None:
+        """``start_sample``: the call time (in samples) of the first sample pushed, for a
+        speaker that a diarizer finds mid-call; its first window ends ``first_seconds`` later."""
         if not 0 < hop_seconds <= window_seconds:
             raise ValueError("need 0 < hop <= window")
         self.sample_rate = sample_rate
         self.window = int(round(window_seconds * sample_rate))
         self.hop = int(round(hop_seconds * sample_rate))
-        self._next_end = min(int(round(first_seconds * sample_rate)), self.window)
-        self._last_end = 0
+        self._next_end = start_sample + min(int(round(first_seconds * sample_rate)), self.window)
+        self._last_end = start_sample
         self._buf = np.zeros(0, np.float32)
-        self._buf_start = 0  # stream sample index of _buf[0]
-        self.total = 0  # samples received
+        self._origin = start_sample
+        self._buf_start = start_sample  # stream sample index of _buf[0]
+        self.total = start_sample  # samples received, counted from the start of the call
         self._speech_total = 0.0
 
     def push(self, audio: np.ndarray) -> list[Window]:
@@ -88,7 +91,7 @@ class Windower:
         return []
 
     def _cut(self, end: int) -> Window:
-        start = max(0, end - self.window)
+        start = max(self._origin, end - self.window)
         audio = self._buf[start - self._buf_start : end - self._buf_start].copy()
         new_from = max(start, self._last_end) - start
         self._last_end = end

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 from models.inference import Detector, load_detector
 from server import metrics
 from server.batching import score_jobs
+from server.logs import configure
 from server.queue.base import WindowJob, WindowScore
 from server.queue.redis_queue import GROUP, RedisKeys, _safe_url, _text, decode_audio
 
@@ -131,8 +129,7 @@ class Worker:
                     backoff = min(backoff * 2, 5.0)
         finally:
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await asyncio.wait({heartbeat}, timeout=2.0)  # never hang the exit on it
             try:
                 await self.redis.delete(self.keys.heartbeat(self.config.consumer))
                 await self.redis.srem(self.keys.workers, self.config.consumer)
@@ -180,23 +177,21 @@ class Worker:
             await self.redis.srem(self.keys.workers, *dead)
 
     async def _read_batch(self) -> list[Entry]:
-        """Block for the first job, then top up for at most ``max_wait_ms``."""
+        """Block for the first job, then top up for at most ``max_wait_ms``.
+
+        The top-up is a sleep and a non-blocking read, not a short ``BLOCK``: Redis checks
+        blocked clients' timeouts on its ``hz`` timer (100 ms at the default hz 10), so a
+        ``BLOCK 4`` can take a hundred times longer than asked.
+        """
         cfg = self.config
         entries = await self._xreadgroup(cfg.max_batch, cfg.block_ms)
-        if not entries or cfg.max_wait_ms <= 0:
+        if not entries or cfg.max_wait_ms <= 0 or len(entries) >= cfg.max_batch:
             return entries
-        deadline = time.monotonic() + cfg.max_wait_ms / 1000
-        while len(entries) < cfg.max_batch:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms < 1:  # BLOCK 0 would mean forever
-                break
-            more = await self._xreadgroup(cfg.max_batch - len(entries), remaining_ms)
-            if not more:
-                break
-            entries.extend(more)
+        await asyncio.sleep(cfg.max_wait_ms / 1000)
+        entries.extend(await self._xreadgroup(cfg.max_batch - len(entries), None))
         return entries
 
-    async def _xreadgroup(self, count: int, block_ms: int) -> list[Entry]:
+    async def _xreadgroup(self, count: int, block_ms: int | None) -> list[Entry]:
         response = await self.redis.xreadgroup(
             GROUP, self.config.consumer, {self.keys.jobs: ">"}, count=count, block=block_ms)
         return [entry for _stream, entries in response or [] for entry in entries]
@@ -353,19 +348,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WorkerConfig, argpars
     return config, args
 
 
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr, one per event."""
-    structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
 async def _amain(config: WorkerConfig, detector: Detector) -> None:
     worker = Worker(config, detector)
     loop = asyncio.get_running_loop()
@@ -376,7 +358,7 @@ async def _amain(config: WorkerConfig, detector: Detector) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config, args = parse_args(argv)
-    configure_logging(args.log_level)
+    configure(args.log_level)
     if args.threads > 0:
         import torch
 

@@ -1,9 +1,14 @@
-"""Fixtures for the gRPC service tests: a real server on a free 127.0.0.1 port with the
-in-process queue, and synthetic call audio. Import the fixtures into a test module with
-``from tests.service_fixtures import *`` (pytest finds them there)."""
+"""Fixtures for the gRPC service tests: a real server on a free 127.0.0.1 port, and synthetic
+call audio. ``server``/``stub`` use the in-process queue; ``backend_server``/``backend_stub``
+run a test once per queue backend, in-process and Redis (``redis_backend`` in conftest.py: the
+session's redis-server, with one real ``python -m server.worker`` shared by the session).
+Import the fixtures into a test module with ``from tests.service_fixtures import *`` (pytest
+finds them there)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -13,17 +18,21 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector, load_detector
-from server.app import RunningServer, start_server
+from server.app import SERVICE_NAME, RunningServer, start_server
 from server.config import ServerConfig
 from server.queue.base import InferenceQueue
+from tests.conftest import RedisBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SHARED_CALLS = ROOT.parent / "shared" / "calls"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +64,49 @@ async def server(detector: Detector) -> AsyncIterator[RunningServer]:
 async def stub(server: RunningServer) -> AsyncIterator[pb_grpc.DetectionServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield pb_grpc.DetectionServiceStub(channel)
+
+
+@pytest.fixture(params=["inprocess", "redis"])
+def backend(request: pytest.FixtureRequest) -> RedisBackend | None:
+    """Runs a test once per queue backend: None for the in-process queue."""
+    return request.getfixturevalue("redis_backend") if request.param == "redis" else None
+
+
+@pytest.fixture
+async def backend_server(
+    detector: Detector, backend: RedisBackend | None
+) -> AsyncIterator[RunningServer]:
+    """``server``, on each queue backend in turn."""
+    context = (serving(detector, backend.queue(), queue="redis", redis_url=backend.url)
+               if backend else serving(detector))
+    async with context as running:
+        yield running
+
+
+@pytest.fixture
+async def backend_stub(
+    backend_server: RunningServer,
+) -> AsyncIterator[pb_grpc.DetectionServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{backend_server.port}") as channel:
+        yield pb_grpc.DetectionServiceStub(channel)
+
+
+async def health_status(port: int) -> int:
+    """The health service's status for the detection service."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        return response.status
+
+
+async def wait_health(port: int, status: int, within: float) -> None:
+    """Until health reports ``status`` (the server polls its queue once a second)."""
+    deadline = time.monotonic() + within
+    while (now := await health_status(port)) != status:
+        assert time.monotonic() < deadline, (
+            f"health still {health_pb2.HealthCheckResponse.ServingStatus.Name(now)} "
+            f"after {within:g} s")
+        await asyncio.sleep(0.1)
 
 
 def noise_pcm(seconds: float, rate: int = 8000, channels: int = 1, seed: int = 0) -> np.ndarray:

@@ -33,9 +33,10 @@ async def _client(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_cli_stream_json_end_to_end(server: RunningServer, tmp_path: Path) -> None:
+async def test_cli_stream_json_end_to_end(backend_server: RunningServer, tmp_path: Path) -> None:
     wav = _wav(tmp_path, channels=2)
-    code, out, err = await _client("stream", str(wav), "--server", f"127.0.0.1:{server.port}",
+    port = backend_server.port
+    code, out, err = await _client("stream", str(wav), "--server", f"127.0.0.1:{port}",
                                    "--fast", "--json", "--split", "--call-id", "c-1")
     lines = [json.loads(line) for line in out.splitlines()]
     assert {line["type"] for line in lines} >= {"window", "verdict", "summary"}

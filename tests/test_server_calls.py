@@ -1,5 +1,6 @@
-"""Real calls: a spoofed call is flagged and a bona fide one is not (needs the trained default
-model; the examples are cut from ../shared/calls, see examples/README.md)."""
+"""Real calls: a spoofed call is flagged and a bona fide one is not, on both queue backends
+(needs the trained default model; the examples are cut from ../shared/calls, see
+examples/README.md)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ async def _verdicts(server: RunningServer, name: str, split: bool = False) -> di
     return {v.speaker: verdict_name(v.state) for v in summary.speakers}
 
 
-async def test_bonafide_call_is_not_flagged(server: RunningServer) -> None:
-    assert "spoof" not in (await _verdicts(server, "bonafide_call.wav")).values()
+async def test_bonafide_call_is_not_flagged(backend_server: RunningServer) -> None:
+    assert "spoof" not in (await _verdicts(backend_server, "bonafide_call.wav")).values()
 
 
-async def test_spoofed_call_is_flagged(server: RunningServer) -> None:
-    assert (await _verdicts(server, "spoof_call.wav")) == {"A": "spoof"}
+async def test_spoofed_call_is_flagged(backend_server: RunningServer) -> None:
+    assert (await _verdicts(backend_server, "spoof_call.wav")) == {"A": "spoof"}
 
 
-async def test_spoofed_party_is_flagged_in_split_mode(server: RunningServer) -> None:
-    verdicts = await _verdicts(server, "spoof_call_stereo.wav", split=True)
+async def test_spoofed_party_is_flagged_in_split_mode(backend_server: RunningServer) -> None:
+    verdicts = await _verdicts(backend_server, "spoof_call_stereo.wav", split=True)
     assert verdicts["B"] == "spoof" and verdicts["A"] != "spoof"
 
 

@@ -47,10 +47,10 @@ def _stream(port: int, reqs: list[pb.StreamDetectRequest]) -> list[pb.StreamDete
 
 
 @pytest.mark.parametrize("case", BAD_STREAMS, ids=list(BAD_STREAMS))
-async def test_bad_stream_is_invalid_argument(server: RunningServer, case: str) -> None:
+async def test_bad_stream_is_invalid_argument(backend_server: RunningServer, case: str) -> None:
     reqs, message = BAD_STREAMS[case]
     with pytest.raises(grpc.RpcError) as info:
-        await asyncio.to_thread(_stream, server.port, reqs)
+        await asyncio.to_thread(_stream, backend_server.port, reqs)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
 
@@ -63,20 +63,20 @@ async def test_bad_stream_is_invalid_argument(server: RunningServer, case: str) 
      "sample_rate_hz 100"),
 ])
 async def test_bad_detect_is_invalid_argument(
-    stub: pb_grpc.DetectionServiceStub, request_: pb.DetectRequest, message: str
+    backend_stub: pb_grpc.DetectionServiceStub, request_: pb.DetectRequest, message: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Detect(request_)
+        await backend_stub.Detect(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
 
 
-async def test_bad_streams_do_not_disturb_a_good_one(server: RunningServer) -> None:
+async def test_bad_streams_do_not_disturb_a_good_one(backend_server: RunningServer) -> None:
     good_requests = requests(stream_config(), linear16_chunks(noise_pcm(4.0)))
     streams = [good_requests] + [reqs for reqs, _ in BAD_STREAMS.values()]
     results = await asyncio.gather(
-        *(asyncio.to_thread(_stream, server.port, reqs) for reqs in streams),
+        *(asyncio.to_thread(_stream, backend_server.port, reqs) for reqs in streams),
         return_exceptions=True)
     assert results[0][-1].summary.windows_scored == 4
     assert all(isinstance(r, grpc.RpcError) for r in results[1:])
-    assert not server.servicer.sessions
+    assert not backend_server.servicer.sessions

@@ -9,7 +9,6 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -17,40 +16,31 @@ from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
-from server.app import SERVICE_NAME, RunningServer
+from server.app import RunningServer
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
+    NOT_SERVING,
+    SERVING,
     collect,
+    health_status,
     linear16_chunks,
     noise_pcm,
     requests,
     serving,
     stream_config,
+    wait_health,
 )
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def _health(port: int) -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-        return response.status
 
 
 async def test_health_follows_the_queue(server: RunningServer) -> None:
-    assert await _health(server.port) == SERVING
+    """In-process; the Redis backend's health follows its workers (test_server_redis.py)."""
+    assert await health_status(server.port) == SERVING
     await server.queue.close()  # no worker: new windows cannot be scored
-    for _ in range(50):
-        if await _health(server.port) == NOT_SERVING:
-            break
-        await asyncio.sleep(0.1)
-    assert await _health(server.port) == NOT_SERVING
+    await wait_health(server.port, NOT_SERVING, 5)
 
 
-async def test_reflection_lists_services(server: RunningServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+async def test_reflection_lists_services(backend_server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{backend_server.port}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
@@ -74,7 +64,7 @@ async def test_auth_token(detector: Detector) -> None:
         reqs = requests(stream_config(), linear16_chunks(noise_pcm(1.0)))
         responses = [r async for r in stub.StreamDetect(iter(reqs), metadata=ok)]
         assert responses[-1].summary.windows_scored == 1
-        assert await _health(running.port) == SERVING  # probes need no token
+        assert await health_status(running.port) == SERVING  # probes need no token
 
 
 async def test_over_capacity_is_resource_exhausted(detector: Detector) -> None:
@@ -97,10 +87,10 @@ async def test_over_capacity_is_resource_exhausted(detector: Detector) -> None:
         assert (await open_call.read()).HasField("summary")
 
 
-async def test_twenty_concurrent_streams(stub: pb_grpc.DetectionServiceStub) -> None:
+async def test_twenty_concurrent_streams(backend_stub: pb_grpc.DetectionServiceStub) -> None:
     streams = [requests(stream_config(call_id=f"call-{i}"), linear16_chunks(noise_pcm(6, seed=i)))
                for i in range(20)]
-    results = await asyncio.gather(*(collect(stub, reqs) for reqs in streams))
+    results = await asyncio.gather(*(collect(backend_stub, reqs) for reqs in streams))
     for i, responses in enumerate(results):
         summary = responses[-1].summary
         assert (summary.call_id, summary.windows_scored) == (f"call-{i}", 6)

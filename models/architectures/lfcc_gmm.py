@@ -7,8 +7,11 @@ then HTK deltas and double deltas of half-width 1 (``width 3``) -> 60 dims per f
 score is the average frame log-likelihood ratio between a bona fide and a spoof GMM.
 
 Departures from the baseline, and why:
-- pre-emphasis (0.97) is on by default: this corpus is telephone-band, where the spectral
-  tilt otherwise leaves the upper filters near the noise floor; set 0 to match upstream;
+- pre-emphasis (0.97, the usual cepstral front-end choice) is on by default; upstream has
+  none. On the dev part it made no difference beyond seed noise (4.8 vs 5.1 % EER with
+  128 components); set 0 to match upstream exactly;
+- deltas are normalised as in the MATLAB baseline (``/ 2`` for width 3); the Python port of
+  the 2021 baseline leaves that factor out, which only rescales two thirds of the features;
 - frames are only taken where a whole window fits (upstream zero-pads the last one), and a
   signal shorter than one window is zero-padded to one, so every utterance gets a score;
 - the GMMs are trained on a seeded random subsample of frames, to bound the fit time.
@@ -50,6 +53,11 @@ class LFCCGMMConfig:
     ``n_fft`` is 256 at 8 kHz (the baseline's 512 at 16 kHz: the same ~31 Hz bin spacing).
     ``f_max=None`` means Nyquist. ``max_frames_per_class`` caps the frames each GMM is fitted
     on (0: use all).
+
+    GMM size: the baseline uses 512 components on ~25 h of 16 kHz audio. On the 1 h training
+    part here (100k bona fide / 261k spoof frames), 128 components fitted on 50k frames per
+    class give 4.8-5.5 % dev EER over seeds 0-2 and fit in 50-95 s on one busy core; 256
+    components on 100k frames gave 4.3 % in ~4.5 min, 64 components on 100k frames 7.3 %.
     """
 
     sample_rate: int = 8000
@@ -68,7 +76,7 @@ class LFCCGMMConfig:
     reg_covar: float = 1e-6
     init_params: str = "k-means++"
     seed: int = 0
-    max_frames_per_class: int = 100_000
+    max_frames_per_class: int = 50_000
 
     def __post_init__(self) -> None:
         if self.win_length < 2 or self.hop_length < 1:
@@ -223,6 +231,7 @@ class LFCCGMM:
     def _pooled_frames(
         self, waves: list[NDArray[np.floating]], rng: np.random.Generator
     ) -> FloatArray:
+        # float32 while pooling halves the peak memory; the GMM fit itself runs in float64.
         feats = [self.features(w).astype(np.float32) for w in waves]
         pooled = np.concatenate(feats, axis=0)
         cap = self.config.max_frames_per_class
@@ -276,9 +285,8 @@ class LFCCGMM:
         feats = [self.features(w) for w in waves]
         lengths = np.array([f.shape[0] for f in feats])
         frames = np.concatenate(feats, axis=0)
-        llr = self.gmms["bonafide"].frame_log_likelihood(frames) - self.gmms[
-            "spoof"
-        ].frame_log_likelihood(frames)
+        bona_ll = self.gmms["bonafide"].frame_log_likelihood(frames)
+        llr = bona_ll - self.gmms["spoof"].frame_log_likelihood(frames)
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         return np.add.reduceat(llr, starts) / lengths
 
@@ -288,8 +296,8 @@ class LFCCGMM:
             raise RuntimeError("cannot export an unfitted LFCCGMM")
         state: StateDict = {"arch": _ARCH, "version": _STATE_VERSION}
         for key, value in asdict(self.config).items():
-            # None is not a plain state value: store the band edge it stands for.
-            state[f"config.{key}"] = self.config.band_max_hz if key == "f_max" else value
+            if value is not None:  # not a plain state value; a missing key restores the default
+                state[f"config.{key}"] = value
         for name, gmm in self.gmms.items():
             state[f"{name}.weights"] = torch.from_numpy(gmm.weights.copy())
             state[f"{name}.means"] = torch.from_numpy(gmm.means.copy())
@@ -310,6 +318,8 @@ class LFCCGMM:
         model = cls(LFCCGMMConfig(**config_kwargs))
 
         def array(key: str) -> FloatArray:
+            if key not in state:
+                raise ValueError(f"{_ARCH} state dict lacks {key!r}")
             value = state[key]
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")

@@ -68,12 +68,18 @@ def _fast_fft_size(n: int) -> int:
     return best
 
 
-def conv1d_valid(x: torch.Tensor, bank: torch.Tensor, method: str = "auto") -> torch.Tensor:
+def conv1d_valid(
+    x: torch.Tensor,
+    bank: torch.Tensor,
+    method: str = "auto",
+    spectrum: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Valid (unpadded) convolution of ``x (B, 1, T)`` with every filter of ``bank (C, K)``.
 
     Same result as ``F.conv1d(x, bank[:, None])`` (cross-correlation; the sinc filters are
     symmetric anyway). Long filters go through the FFT: 1025 taps cost ~2.6 GFLOP per
     4 s window in the time domain and a small fraction of that in the frequency domain.
+    ``spectrum`` is the bank's precomputed :func:`filter_spectrum` for this input length.
     """
     kernel = bank.shape[-1]
     if method == "auto":
@@ -82,10 +88,16 @@ def conv1d_valid(x: torch.Tensor, bank: torch.Tensor, method: str = "auto") -> t
         return F.conv1d(x, bank.unsqueeze(1))
     length = x.shape[-1]
     n = _fast_fft_size(length + kernel - 1)
-    spec_x = torch.fft.rfft(x, n=n)  # (B, 1, F)
-    spec_h = torch.fft.rfft(bank.flip(-1), n=n)  # (C, F): flip turns convolution into correlation
-    y = torch.fft.irfft(spec_x * spec_h, n=n)
+    if spectrum is None:
+        spectrum = filter_spectrum(bank, n)
+    y = torch.fft.irfft(torch.fft.rfft(x, n=n) * spectrum, n=n)
     return y[..., kernel - 1 : length]
+
+
+def filter_spectrum(bank: torch.Tensor, n: int) -> torch.Tensor:
+    """``(C, n // 2 + 1)`` spectrum of the flipped bank (flipping turns convolution into
+    the correlation ``F.conv1d`` computes)."""
+    return torch.fft.rfft(bank.flip(-1), n=n)
 
 
 class SincFilterBank(nn.Module):
@@ -102,6 +114,7 @@ class SincFilterBank(nn.Module):
     ) -> None:
         super().__init__()
         self.method = method
+        self._spectra: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.register_buffer(
             "filters", mel_sinc_bank(n_filters, kernel_size, sample_rate, layout), persistent=False
         )
@@ -111,4 +124,16 @@ class SincFilterBank(nn.Module):
         return int(self.filters.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv1d_valid(x, self.filters, self.method)
+        if self.method == "direct" or (self.method == "auto" and self.kernel_size <= 200):
+            return conv1d_valid(x, self.filters, "direct")
+        # Streaming windows come in a handful of lengths: keep each one's filter spectrum.
+        # The FFT runs in float32 even for half-precision models (cuFFT half needs 2^k sizes).
+        n = _fast_fft_size(x.shape[-1] + self.kernel_size - 1)
+        key = (n, x.device)
+        spectrum = self._spectra.get(key)
+        if spectrum is None:
+            if len(self._spectra) >= 8:
+                self._spectra.clear()
+            spectrum = filter_spectrum(self.filters.float(), n)
+            self._spectra[key] = spectrum
+        return conv1d_valid(x.float(), self.filters, "fft", spectrum).to(x.dtype)

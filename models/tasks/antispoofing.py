@@ -8,6 +8,9 @@ model, optimiser and epoch after every epoch; ``RUN_DIR/best.pt`` the best on de
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.data.asvspoof import ASVspoofSplit, TrialDataset
+from models.data.asvspoof import ASVspoofSplit, Trial, TrialDataset
 from models.inference import build_model, fit_calibration, save_checkpoint
 from models.metrics import compute_eer
 from models.tasks.config import TrainConfig
@@ -33,6 +36,7 @@ class EpochRecord:
     dev_eer: float
     dev_eer_per_system: dict[str, float]
     seconds: float
+    lr: float | None = None
 
 
 @dataclass
@@ -42,6 +46,24 @@ class TrainResult:
     best_epoch: int = -1
     best_dev_eer: float = float("inf")
     checkpoint: Path | None = None
+
+
+def subset(trials: list[Trial], limit: int | None, seed: int) -> list[Trial]:
+    """A seeded random ``limit`` trials in protocol order (protocols are grouped by speaker,
+    so the first N would be a few speakers only); all of them when ``limit`` is None."""
+    if limit is None or limit >= len(trials):
+        return trials
+    keep = np.sort(np.random.default_rng(seed).choice(len(trials), limit, replace=False))
+    return [trials[i] for i in keep]
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Constant, or cosine-annealed to zero over ``optim.epochs``: the annealed end settles
+    the small model, whose dev EER otherwise swings from epoch to epoch. Set per epoch from
+    the epoch index, so a resumed run follows the same schedule."""
+    if config.optim.lr_schedule == "cosine":
+        return config.optim.lr * 0.5 * (1 + math.cos(math.pi * epoch / config.optim.epochs))
+    return config.optim.lr
 
 
 def seed_everything(seed: int) -> None:
@@ -92,8 +114,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
     sample_rate = int(config.model.get("sample_rate", 16000))
     window = int(round(config.data.window_seconds * sample_rate))
     root = config.data.root_path
-    train_trials = ASVspoofSplit(root, "train").trials()[: config.data.limit]
-    dev_trials = ASVspoofSplit(root, "dev").trials()[: config.data.dev_limit]
+    train_trials = subset(ASVspoofSplit(root, "train").trials(), config.data.limit, 1)
+    dev_trials = subset(ASVspoofSplit(root, "dev").trials(), config.data.dev_limit, 2)
     train_set = TrialDataset(
         train_trials, ASVspoofSplit(root, "train").audio_dir, sample_rate, window,
         train=True, augment=_augmenter(config, sample_rate), seed=config.optim.seed,
@@ -123,6 +145,9 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
     min_crop = int(config.data.min_crop_seconds * sample_rate)
     for epoch in range(start_epoch, config.optim.epochs):
         began = time.time()
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         train_set.epoch = epoch
         generator = torch.Generator().manual_seed(config.optim.seed * 1000 + epoch)
         loader = DataLoader(
@@ -148,7 +173,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
         eers = eer_by_system(scores, dev_labels, dev_systems)
         record = EpochRecord(
             epoch, float(np.mean(losses)) if losses else float("nan"), eers["pooled"],
-            {k: v for k, v in eers.items() if k != "pooled"}, time.time() - began,
+            {k: v for k, v in eers.items() if k != "pooled"}, time.time() - began, lr,
         )
         result.history.append(record)
         if progress:
@@ -169,6 +194,12 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
 
     result.checkpoint = export(config, model, run_dir, result, dev_set, dev_labels, dev_systems)
     return result
+
+
+def machine_description(threads: int) -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+            "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "device": "cpu"}
 
 
 def export(
@@ -196,6 +227,7 @@ def export(
         "training_seconds": sum(r.seconds for r in result.history),
         "dev_eer": eers,
         "history": [asdict(r) for r in result.history],
+        "machine": machine_description(config.optim.threads),
     }
     save_checkpoint(
         out, architecture=config.architecture, name=config.name, version=config.version,

@@ -34,6 +34,7 @@ class OptimConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine" (to zero at the last epoch)
     weight_decay: float = 1e-4
     bonafide_weight: float = 9.0  # official recipes: CE weights [0.1, 0.9]
     seed: int = 0
@@ -65,4 +66,6 @@ class TrainConfig:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         data = DataConfig(**(raw.pop("data", None) or {}))
         optim = OptimConfig(**(raw.pop("optim", None) or {}))
+        if optim.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.lr_schedule must be constant or cosine: {optim.lr_schedule}")
         return cls(data=data, optim=optim, **raw)

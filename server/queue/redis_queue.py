@@ -39,6 +39,7 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, WindowScore
 
@@ -146,6 +147,7 @@ class RedisQueue(InferenceQueue):
         self._reader_redis: aioredis.Redis | None = None
         self._reader: asyncio.Task[None] | None = None
         self._read_block_ms = 1000
+        self._closing = False
 
     def _client(self, socket_timeout: float) -> aioredis.Redis:
         # No retries: a dead broker must fail the window now, not after 7 s of backoff.
@@ -169,10 +171,18 @@ class RedisQueue(InferenceQueue):
 
     async def close(self) -> None:
         """Stop the reader, fail every outstanding window, drop this server's results."""
+        self._closing = True
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            # Closing the reader's socket ends its blocked XREAD at once; a bare cancel() can
+            # leave redis-py waiting inside the read (seen with redis-py 7.1), so it is only
+            # the fallback.
+            if self._reader_redis is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._reader_redis.connection_pool.disconnect()
+            done, _ = await asyncio.wait({self._reader}, timeout=self.op_timeout)
+            if not done:
+                self._reader.cancel()
+                await asyncio.wait({self._reader}, timeout=self.op_timeout)
             self._reader = None
         self._fail_all(QueueUnavailable("queue closed"))
         if self._redis is not None:
@@ -241,12 +251,18 @@ class RedisQueue(InferenceQueue):
         assert self._reader_redis is not None
         last_id: bytes | str = "0-0"
         backoff = 0.05
-        while True:
+        while not self._closing:
             try:
                 response = await self._reader_redis.xread(
                     {self.results_key: last_id}, count=1000, block=self._read_block_ms)
                 backoff = 0.05
+            except RedisTimeoutError:
+                # A stalled event loop, not a dead broker: results wait in the stream and
+                # the next XREAD resumes after ``last_id``.
+                continue
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 if self._pending:
                     log.warning("results_reader_lost_redis", error=str(exc),
                                 failed=len(self._pending))

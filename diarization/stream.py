@@ -1,0 +1,296 @@
+"""Streaming diarization: a rolling buffer, local segmentation and incremental clustering.
+
+The design follows diart (Coria et al., 2021), written here because diart pins an older
+pyannote.audio. Every ``step`` seconds the segmentation model reads the last ``buffer``
+seconds and says which of up to three *local* speakers is active in each ~17 ms frame. Local
+speakers are mapped to *global* ones (the labels the service reports) in two ways:
+
+* a local speaker with at least ``min_embed_seconds`` of clean (non-overlapped) speech in the
+  buffer gets a GE2E embedding and is matched to the global centroids (Hungarian assignment, so
+  two local speakers never share a label); when it is farther than ``new_speaker_distance``
+  from every centroid and has ``min_new_seconds`` of clean speech, it becomes a new speaker;
+* otherwise it inherits the label of the local speaker it overlaps most in the previous
+  buffer (the buffers share ``buffer - step`` seconds), which carries short turns and
+  back-channel that are too short to embed.
+
+Global labels are ``A``, ``B``, ... in order of creation, that is, of first confirmed speech,
+and never change afterwards. Each step decides the audio up to ``latency`` seconds before
+the buffer's end (frames at the very edge of a buffer have no right context and are the least
+reliable), so audio reaches the spoof scorer one step plus ``latency`` after it arrives.
+Memory per call is bounded: the buffer, one previous activation matrix and at most
+``max_speakers`` centroids. CPU per step: one segmentation pass over the buffer (one 5 s
+chunk) plus at most three embeddings over it.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soxr
+import structlog
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from diarization.embedding import ResemblyzerEmbedding
+from diarization.paths import SEGMENTATION_CHECKPOINT
+
+MODEL_RATE = 16000  # segmentation and embedding models
+log = structlog.get_logger("callshield.diarization.stream")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Defaults chosen on ../shared/calls (dev): see diarization/MODEL_CARD.md."""
+
+    buffer_seconds: float = 5.0
+    step_seconds: float = 0.5
+    latency_seconds: float = 1.0  # right context the decided frames get (model edges are weak)
+    min_embed_seconds: float = 0.8  # clean speech for a trustworthy GE2E embedding
+    min_new_seconds: float = 2.0  # clean speech before a voice can become a new speaker
+    new_speaker_distance: float = 0.25  # cosine distance to every centroid
+    min_stitch_seconds: float = 0.2  # co-activity with the previous buffer to inherit a label
+    max_speakers: int = 8
+    centroid_update_seconds: float = 1.5  # only long clean stretches move a centroid
+
+
+def speaker_label(index: int) -> str:
+    """A, B, ..., Z, AA, AB, ...: stable, short, and ordered by first speech."""
+    letters = string.ascii_uppercase
+    label = ""
+    index += 1
+    while index:
+        index, r = divmod(index - 1, 26)
+        label = letters[r] + label
+    return label
+
+
+class DiarizationModels:
+    """The segmentation model and the embedding model, loaded once and shared by all calls."""
+
+    def __init__(self, segmentation: Path = SEGMENTATION_CHECKPOINT) -> None:
+        from pyannote.audio import Model
+        from pyannote.audio.utils.powerset import Powerset
+
+        seg = Model.from_pretrained(str(segmentation), map_location="cpu")
+        if seg is None:
+            raise FileNotFoundError(f"no segmentation checkpoint at {segmentation}")
+        seg.eval()
+        self.segmentation = seg
+        spec = seg.specifications
+        self.powerset = Powerset(len(spec.classes), spec.powerset_max_classes)
+        self.chunk_seconds = float(spec.duration)
+        self.embedding = ResemblyzerEmbedding()
+        self.segmentation_path = segmentation
+
+    @torch.inference_mode()
+    def segment(self, audio16k: np.ndarray) -> np.ndarray:
+        """(samples,) at 16 kHz -> (frames, local speakers) hard activations (0/1)."""
+        x = torch.from_numpy(audio16k)[None, None]
+        probs = self.segmentation(x)
+        return self.powerset.to_multilabel(probs)[0].numpy()
+
+    @torch.inference_mode()
+    def embed(self, audio16k: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """One embedding per mask column (frames, k) -> (k, 256); NaN rows: too little speech."""
+        k = masks.shape[1]
+        x = torch.from_numpy(audio16k)[None, None].expand(k, 1, -1)
+        return self.embedding(x, weights=torch.from_numpy(masks.T.copy())).numpy()
+
+
+@dataclass
+class _Centroid:
+    total: np.ndarray
+    count: int = 1
+
+    @property
+    def unit(self) -> np.ndarray:
+        return self.total / (np.linalg.norm(self.total) + 1e-9)
+
+
+@dataclass
+class StreamingDiarizer:
+    """Diarization of one call, fed audio at ``sample_rate``; see the module docstring."""
+
+    models: DiarizationModels
+    sample_rate: int
+    config: StreamConfig = field(default_factory=StreamConfig)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self._resampler = (soxr.ResampleStream(self.sample_rate, MODEL_RATE, 1, dtype="float32")
+                           if self.sample_rate != MODEL_RATE else None)
+        self._buffer = np.zeros(int(c.buffer_seconds * MODEL_RATE), np.float32)
+        self._step = int(round(c.step_seconds * MODEL_RATE))
+        self._pending16 = np.zeros(0, np.float32)  # 16 kHz audio not yet in the buffer
+        self._pending_in = np.zeros(0, np.float32)  # input-rate audio not yet emitted
+        self._received_in = 0  # input samples received
+        self._emitted_in = 0  # input samples emitted (labelled) so far
+        self._buffer_end = 0.0  # call time of the buffer's last sample
+        self._last_labels: np.ndarray | None = None
+        self._centroids: list[_Centroid] = []
+        self._previous: tuple[np.ndarray, list[int | None]] | None = None
+        self.speakers: list[str] = []
+        self.step_seconds_spent = 0.0
+
+    # -- public -------------------------------------------------------------------------------
+
+    def push(self, audio: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Feed input-rate audio; returns ``(audio, labels)`` per finished step, ``labels`` a
+        per-sample int array (-1: nobody or overlap, k: ``self.speakers[k]``), for the call
+        time up to ``latency`` behind the newest step."""
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        self._pending_in = np.concatenate([self._pending_in, audio])
+        self._received_in += audio.shape[0]
+        up = self._resampler.resample_chunk(audio) if self._resampler else audio
+        self._pending16 = np.concatenate([self._pending16, up])
+        out = []
+        while self._pending16.shape[0] >= self._step:
+            new, self._pending16 = self._pending16[: self._step], self._pending16[self._step :]
+            self._buffer = np.concatenate([self._buffer[self._step :], new])
+            self._buffer_end += self._step / MODEL_RATE
+            labels = self._process(self._step)
+            decided = self._buffer_end - self.config.latency_seconds
+            out += self._emit(labels, decided)
+        return out
+
+    def flush(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Everything not yet emitted, labelled by a last pass (the end of the call)."""
+        n = self._pending16.shape[0]
+        labels = self._last_labels
+        if n:
+            self._buffer = np.concatenate([self._buffer[n:], self._pending16])
+            self._pending16 = np.zeros(0, np.float32)
+            self._buffer_end += n / MODEL_RATE
+            labels = self._process(n)
+        if labels is None:
+            labels = np.full(1, -1)
+        return self._emit(labels, self._received_in / self.sample_rate, final=True)
+
+    def _emit(self, frame_labels: np.ndarray, until: float,
+              final: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Input-rate audio from the last emitted sample up to call time ``until``, each sample
+        labelled by the buffer frame that covers it."""
+        target = self._received_in if final else min(int(until * self.sample_rate),
+                                                     self._received_in)
+        n = target - self._emitted_in
+        if n <= 0:
+            return []
+        chunk, self._pending_in = self._pending_in[:n], self._pending_in[n:]
+        times = (self._emitted_in + np.arange(n)) / self.sample_rate
+        buffer_start = self._buffer_end - self.config.buffer_seconds
+        frames = frame_labels.shape[0]
+        idx = ((times - buffer_start) / self.config.buffer_seconds * frames).astype(int)
+        self._emitted_in = target
+        return [(chunk, frame_labels[np.clip(idx, 0, frames - 1)])]
+
+    def _process(self, new_samples: int) -> np.ndarray:
+        """Segment the buffer, map local to global speakers: a global label per frame (-1:
+        silence, overlap or an unmapped local speaker)."""
+        t0 = time.perf_counter()
+        c = self.config
+        active = self.models.segment(self._buffer)  # (frames, k)
+        frames, k = active.shape
+        frame_seconds = c.buffer_seconds / frames
+        clean = active * (active.sum(axis=1) == 1)[:, None]
+        clean_seconds = clean.sum(axis=0) * frame_seconds
+        mapping: list[int | None] = [None] * k
+        embeddable = [i for i in range(k) if clean_seconds[i] >= c.min_embed_seconds]
+        if embeddable:
+            emb = self.models.embed(self._buffer, clean[:, embeddable].astype(np.float32))
+            found = {i: e for i, e in zip(embeddable, emb, strict=True) if np.isfinite(e).all()}
+            if found:
+                mapping = self._assign(found, clean_seconds, mapping)
+        stitched = self._stitch(active, new_samples, frame_seconds)
+        taken = {m for m in mapping if m is not None}
+        for i in range(k):  # too short to embed: carry the label of the previous buffer
+            if mapping[i] is None and stitched[i] is not None and stitched[i] not in taken:
+                mapping[i] = stitched[i]
+                taken.add(stitched[i])
+        self._previous = (active, mapping)
+        labels = np.full(frames, -1)
+        alone = active.sum(axis=1) == 1
+        for i in range(k):
+            if mapping[i] is not None:
+                labels[(active[:, i] > 0) & alone] = mapping[i]
+        self._last_labels = labels
+        self.step_seconds_spent += time.perf_counter() - t0
+        return labels
+
+    def _stitch(self, active: np.ndarray, new_samples: int,
+                frame_seconds: float) -> list[int | None]:
+        """Labels inherited from the previous buffer: local speaker -> the global label of the
+        previous local speaker it was active with longest in the shared stretch."""
+        k = active.shape[1]
+        mapping: list[int | None] = [None] * k
+        if self._previous is None:
+            return mapping
+        prev_active, prev_map = self._previous
+        shift = int(round(new_samples / MODEL_RATE / frame_seconds))
+        n = min(active.shape[0] - shift, prev_active.shape[0] - shift)
+        co = (active[:n].T @ prev_active[shift : shift + n]) * frame_seconds  # (k, k) seconds
+        rows, cols = linear_sum_assignment(-co)
+        for i, j in zip(rows, cols, strict=True):
+            if co[i, j] >= self.config.min_stitch_seconds and prev_map[j] is not None:
+                mapping[i] = prev_map[j]
+        return mapping
+
+    def _assign(self, found: dict[int, np.ndarray], clean_seconds: np.ndarray,
+                mapping: list[int | None]) -> list[int | None]:
+        """Embedding decisions: Hungarian matching of the embedded local speakers to the
+        centroids; the unmatched ones far from every centroid and long enough become new
+        speakers. Only long clean stretches that match well move a centroid."""
+        c = self.config
+        if self._centroids:
+            cents = np.stack([x.unit for x in self._centroids])
+            items = list(found.items())
+            dist = 1 - np.stack([e for _, e in items]) @ cents.T
+            for r, col in zip(*linear_sum_assignment(dist), strict=True):
+                if dist[r, col] < c.new_speaker_distance:
+                    i, e = items[r]
+                    mapping[i] = int(col)
+                    if clean_seconds[i] >= c.centroid_update_seconds:
+                        self._centroids[col].total += e
+                        self._centroids[col].count += 1
+        for i, e in found.items():
+            if mapping[i] is not None or clean_seconds[i] < c.min_new_seconds:
+                continue
+            if len(self._centroids) >= c.max_speakers:
+                d = 1 - np.stack([x.unit for x in self._centroids]) @ e
+                nearest = int(np.argmin(d))
+                mapping[i] = None if nearest in mapping else nearest
+                continue
+            self._centroids.append(_Centroid(e.copy()))
+            self.speakers.append(speaker_label(len(self.speakers)))
+            mapping[i] = len(self._centroids) - 1
+            log.debug("new speaker", speaker=self.speakers[-1], at=round(self._buffer_end, 2))
+        return mapping
+
+
+def diarize_stream(diarizer: StreamingDiarizer, audio: np.ndarray,
+                   chunk_seconds: float = 0.1) -> list[tuple[float, float, str]]:
+    """Run a whole recording through ``diarizer`` in ``chunk_seconds`` pieces (as a live call
+    arrives) -> speech turns ``(start, end, label)``; for the benchmark and tests."""
+    rate = diarizer.sample_rate
+    step = max(1, int(chunk_seconds * rate))
+    labels = []
+    for start in range(0, audio.shape[0], step):
+        labels += [lab for _, lab in diarizer.push(audio[start : start + step])]
+    labels += [lab for _, lab in diarizer.flush()]
+    per_sample = np.concatenate(labels) if labels else np.zeros(0, int)
+    return turns_from_labels(per_sample, rate, diarizer.speakers)
+
+
+def turns_from_labels(labels: np.ndarray, rate: int,
+                      speakers: Sequence[str]) -> list[tuple[float, float, str]]:
+    turns = []
+    change = np.flatnonzero(np.diff(labels)) + 1
+    bounds = np.concatenate([[0], change, [labels.shape[0]]])
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b > a and labels[a] >= 0:
+            turns.append((a / rate, b / rate, speakers[labels[a]]))
+    return turns

@@ -1,0 +1,117 @@
+"""``python -m plugins serve``: every configured plugin in one process, beside the server.
+
+Every flag also reads ``CALLSHIELD_PLUGINS_<FLAG>`` (secrets belong there, not on the
+command line, where ``ps`` shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+
+import structlog
+
+from plugins.app import PluginSettings, start_plugins
+from plugins.asterisk import AmiTarget, AriTarget
+from plugins.audiosocket import parse_slin_types
+from plugins.core import Detector, parse_hostport
+from plugins.twilio import TwilioSettings
+from plugins.webhook import WebhookSender
+from server import logs
+from server import metrics as server_metrics
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(f"CALLSHIELD_PLUGINS_{name.upper()}", default)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m plugins")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the telephony plugins")
+    flags = {
+        "audiosocket": "Asterisk AudioSocket TCP listen address, e.g. :9092",
+        "twilio": "Twilio Media Streams WebSocket, e.g. :8080/twilio",
+        "freeswitch": "FreeSWITCH mod_audio_fork/mod_audio_stream WebSocket, e.g. :8080/fork",
+        "audiohook": "Genesys AudioHook WebSocket, e.g. :8080/audiohook",
+        "detector": "detection server host:port",
+        "detector_token": "bearer token for the detection server",
+        "ami": "Asterisk AMI host:port for alerts (Setvar)",
+        "ami_username": "", "ami_secret": "",
+        "ari_url": "Asterisk ARI base URL for alerts, e.g. http://pbx:8088/ari",
+        "ari_username": "", "ari_password": "",
+        "slin_types": "extra AudioSocket slin types, e.g. 0x11=16000 (0x10=8000 always)",
+        "twilio_auth_token": "checks X-Twilio-Signature and authenticates the call update",
+        "twilio_public_url": "the wss:// base URL Twilio connects to (for the signature)",
+        "twilio_api_base": "Twilio REST API base URL",
+        "twilio_account_sid": "default: the stream's accountSid",
+        "twilio_alert_url": "call update Url on an alert ($speaker, $score, $call_sid)",
+        "twilio_alert_twiml": "call update Twiml on an alert (instead of a URL)",
+        "audiohook_api_key": "required X-API-KEY of AudioHook connections",
+        "webhook_secret": "HMAC-SHA256 key of X-Callshield-Signature",
+        "log_level": "",
+    }
+    defaults = {"detector": "127.0.0.1:50051", "twilio_api_base": "https://api.twilio.com",
+                "log_level": "info"}
+    for name, help_text in flags.items():
+        s.add_argument("--" + name.replace("_", "-"), default=_env(name, defaults.get(name, "")),
+                       help=help_text or None)
+    s.add_argument("--webhook", action="append",
+                   default=[u for u in _env("webhook").split(",") if u],
+                   help="alert webhook URL (repeatable)")
+    s.add_argument("--alert-threshold", type=float,
+                   default=float(_env("alert_threshold", "0") or 0))
+    s.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", "0") or 0))
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> tuple[PluginSettings, Detector]:
+    alerts: AmiTarget | AriTarget | None = None
+    if args.ami:
+        host, port = parse_hostport(args.ami, "127.0.0.1")
+        alerts = AmiTarget(host, port, args.ami_username, args.ami_secret)
+    elif args.ari_url:
+        alerts = AriTarget(args.ari_url, args.ari_username, args.ari_password)
+    twilio = TwilioSettings(
+        auth_token=args.twilio_auth_token, public_url=args.twilio_public_url,
+        api_base=args.twilio_api_base, account_sid=args.twilio_account_sid,
+        alert_url=args.twilio_alert_url, alert_twiml=args.twilio_alert_twiml)
+    settings = PluginSettings(
+        audiosocket=args.audiosocket, twilio=args.twilio, freeswitch=args.freeswitch,
+        audiohook=args.audiohook, asterisk_alerts=alerts,
+        slin_types=parse_slin_types(args.slin_types), twilio_settings=twilio,
+        audiohook_api_key=args.audiohook_api_key)
+    webhook = WebhookSender(args.webhook, args.webhook_secret) if args.webhook else None
+    detector = Detector(args.detector, token=args.detector_token or None,
+                        alert_threshold=args.alert_threshold, webhook=webhook)
+    return settings, detector
+
+
+async def serve(settings: PluginSettings, detector: Detector, metrics_port: int) -> None:
+    log = structlog.get_logger("callshield.plugins")
+    if metrics_port:
+        server_metrics.serve(metrics_port)
+    running = await start_plugins(settings, detector)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping plugins")
+    await running.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logs.configure(args.log_level)
+    settings, detector = settings_from(args)
+    if not any((settings.audiosocket, settings.twilio, settings.freeswitch, settings.audiohook)):
+        parser().error("enable at least one of --audiosocket --twilio --freeswitch --audiohook")
+    asyncio.run(serve(settings, detector, args.metrics_port))
+
+
+if __name__ == "__main__":
+    main()

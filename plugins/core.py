@@ -1,0 +1,332 @@
+"""What every plugin shares: one detection stream per platform connection, and alert delivery.
+
+A protocol handler validates its platform's framing, then hands raw audio frames to a
+:class:`CallBridge` without awaiting anything, so a slow detector never stalls the socket
+read loop of this or another call. The bridge forwards each frame to the gRPC stream as soon
+as gRPC can take it (the SDK's :class:`client.AsyncDetectionClient`), and turns the first
+alert per speaker into deliveries: the platform's own back channel (given by the handler) and
+the webhook, each in its own task so that neither can fail the call.
+
+A detector that drops the stream, refuses it or stops reading for ``stall_seconds`` fails the
+bridge: it logs the error and calls the handler's ``on_failure``, which closes the platform
+connection cleanly. Note the grpcio asyncio bug the SDK documents (grpc/grpc#36066): a status
+the server sends while we are still writing can surface as INTERNAL "Internal error from
+Core", so the logged code is not always the server's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+
+from callshield.v1 import detection_pb2 as pb
+from client import AsyncDetectionClient
+from plugins import metrics
+from plugins.webhook import WebhookSender
+
+STALL_SECONDS = 5.0  # audio the bridge buffers for a detector that stopped reading
+FINISH_SECONDS = 10.0  # after hangup: the summary (last windows) or give up
+DELIVERY_SECONDS = 30.0  # at shutdown: pending alert deliveries (webhook retries) or give up
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """What the platform sends: encoding (a ``pb.AudioEncoding``), rate, and the party on each
+    interleaved channel (one party: MIXED; two: SPLIT, the caller first)."""
+
+    encoding: int
+    sample_rate: int
+    parties: tuple[str, ...] = ("caller",)
+
+    @property
+    def channels(self) -> int:
+        return len(self.parties)
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one sample instant across channels: audio must come in multiples."""
+        width = 2 if self.encoding == pb.AUDIO_ENCODING_LINEAR16 else 1
+        return width * self.channels
+
+    def bytes_per_second(self) -> int:
+        return self.frame_bytes * self.sample_rate
+
+
+@dataclass(frozen=True)
+class SpoofAlert:
+    """One alert as platforms and webhooks receive it (no audio, no caller number)."""
+
+    plugin: str
+    call_id: str
+    speaker: str
+    spoof_probability: float
+    start_seconds: float
+    end_seconds: float
+    verdict: str = "spoof"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spoof_probability"] = round(self.spoof_probability, 4)
+        data["type"] = "spoof_alert"
+        return data
+
+
+AlertSink = Callable[[SpoofAlert], Awaitable[None]]
+FailureHook = Callable[[str], Awaitable[None]]
+
+
+class DetectorGone(Exception):
+    """The detection stream of this call has failed; the handler should close the call."""
+
+
+@dataclass
+class Detector:
+    """The process-wide link to the detection service, shared by every plugin and call."""
+
+    target: str
+    token: str | None = None
+    alert_threshold: float = 0.0
+    webhook: WebhookSender | None = None
+    stall_seconds: float = STALL_SECONDS
+    finish_seconds: float = FINISH_SECONDS
+    forward_latencies: list[float] | None = None  # bench: every frame's forward delay
+    _client: AsyncDetectionClient | None = None
+    _deliveries: set[asyncio.Task[None]] = field(default_factory=set)
+    _streams: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def client(self) -> AsyncDetectionClient:
+        if self._client is None:  # created lazily: needs the running loop
+            self._client = AsyncDetectionClient(self.target, token=self.token)
+        return self._client
+
+    def open_call(
+        self, plugin: str, call_id: str, fmt: AudioFormat, *, deliver: AlertSink | None,
+        on_failure: FailureHook, extra: dict[str, str] | None = None,
+    ) -> CallBridge:
+        bridge = CallBridge(self, plugin, call_id, fmt, deliver, on_failure, extra or {})
+        bridge.start()
+        if bridge._task is not None:
+            self._streams.add(bridge._task)
+            bridge._task.add_done_callback(self._streams.discard)
+        return bridge
+
+    async def wait_idle(self, seconds: float) -> None:
+        """At shutdown: let open detection streams end (bounded) before sockets are torn."""
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=seconds)
+
+    def spawn_delivery(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def drain(self, seconds: float = DELIVERY_SECONDS) -> None:
+        """Wait (bounded) for alert deliveries still in flight, then close the channel."""
+        if self._deliveries:
+            await asyncio.wait(set(self._deliveries), timeout=seconds)
+        for task in set(self._deliveries):
+            task.cancel()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+class CallBridge:
+    """One platform connection's detection stream."""
+
+    def __init__(
+        self, detector: Detector, plugin: str, call_id: str, fmt: AudioFormat,
+        deliver: AlertSink | None, on_failure: FailureHook, extra: dict[str, str],
+    ) -> None:
+        self.detector = detector
+        self.plugin = plugin
+        self.call_id = call_id
+        self.format = fmt
+        self.deliver = deliver
+        self.on_failure = on_failure
+        self.extra = extra
+        self.alerts: list[SpoofAlert] = []
+        self.summary: pb.StreamSummary | None = None
+        self.failed: str | None = None
+        max_bytes = int(detector.stall_seconds * fmt.bytes_per_second())
+        self._buffered = 0
+        self._max_buffered = max(max_bytes, 1)
+        self._queue: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.log = structlog.get_logger("callshield.plugins").bind(plugin=plugin, call_id=call_id)
+
+    def start(self) -> None:
+        metrics.CALLS.labels(self.plugin).inc()
+        metrics.CALLS_OPEN.labels(self.plugin).inc()
+        self.log.info("call open", parties=list(self.format.parties),
+                      sample_rate=self.format.sample_rate)
+        self._task = asyncio.create_task(self._run())
+
+    def feed(self, audio: bytes, received: float | None = None) -> None:
+        """Queue one frame (whole samples of all channels) for the detector; never blocks.
+
+        Raises :class:`DetectorGone` once the stream has failed, or when the detector has
+        not taken ``stall_seconds`` of audio: the handler then closes the call.
+        """
+        if self.failed is not None:
+            raise DetectorGone(self.failed)
+        if self._closing or not audio:
+            return
+        if self._buffered + len(audio) > self._max_buffered:
+            self._fail("detector stalled: not reading audio")
+            raise DetectorGone(self.failed or "stalled")
+        metrics.FRAMES.labels(self.plugin).inc()
+        self._buffered += len(audio)
+        self._queue.put_nowait((audio, time.perf_counter() if received is None else received))
+
+    async def finish(self) -> pb.StreamSummary | None:
+        """The platform ended the call: half-close, wait (bounded) for the last verdicts."""
+        if self._closing:
+            return self.summary
+        self._closing = True
+        self._queue.put_nowait(None)
+        assert self._task is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.detector.finish_seconds)
+        except TimeoutError:
+            self.log.error("detector did not finish the stream in time",
+                           seconds=self.detector.finish_seconds)
+            await self._stop()
+        except asyncio.CancelledError:
+            await self._stop()
+            raise
+        finally:
+            self._closed()
+        return self.summary
+
+    async def abort(self, reason: str) -> None:
+        """The platform connection broke (or a protocol error): drop the stream at once."""
+        if self._closing:
+            return
+        self._closing = True
+        self.log.info("call aborted", reason=reason)
+        await self._stop()
+        self._closed()
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def _closed(self) -> None:
+        metrics.CALLS_OPEN.labels(self.plugin).dec()
+        self.log.info("call closed", alerts=len(self.alerts), failed=self.failed is not None,
+                      verdicts=self._verdicts())
+
+    def _verdicts(self) -> dict[str, str]:
+        if self.summary is None:
+            return {}
+        return {v.speaker: pb.SpeakerState.Name(v.state) for v in self.summary.speakers}
+
+    def stream_config(self) -> pb.StreamConfig:
+        fmt = self.format
+        return pb.StreamConfig(
+            encoding=fmt.encoding, sample_rate_hz=fmt.sample_rate, channels=fmt.channels,
+            channel_mode=pb.CHANNEL_MODE_SPLIT if fmt.channels > 1 else pb.CHANNEL_MODE_MIXED,
+            call_id=self.call_id, party_labels=list(fmt.parties),
+            alert_threshold=self.detector.alert_threshold, interim_results=False,
+        )
+
+    async def _audio(self) -> AsyncIterator[bytes]:
+        latencies = self.detector.forward_latencies
+        histogram = metrics.FORWARD_SECONDS.labels(self.plugin)
+        while (item := await self._queue.get()) is not None:
+            audio, received = item
+            self._buffered -= len(audio)
+            delay = time.perf_counter() - received
+            histogram.observe(delay)
+            if latencies is not None:
+                latencies.append(delay)
+            yield audio
+
+    async def _run(self) -> None:
+        try:
+            async for response in self.detector.client.stream(self.stream_config(), self._audio()):
+                kind = response.WhichOneof("event")
+                if kind == "alert":
+                    self._alert(response.alert)
+                elif kind == "summary":
+                    self.summary = response.summary
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self._fail(f"detector stream failed: {exc.code().name}: {exc.details()}")
+        except Exception as exc:  # any other failure of the stream is the detector's too
+            self._fail(f"detector stream failed: {type(exc).__name__}: {exc}")
+        else:
+            if self.summary is None and not self._closing:
+                self._fail("detector ended the stream early")
+
+    def _fail(self, reason: str) -> None:
+        if self.failed is not None:
+            return
+        self.failed = reason
+        metrics.DETECTOR_ERRORS.labels(self.plugin).inc()
+        self.log.error("detector error", reason=reason)
+        if not self._closing:
+            self.detector.spawn_delivery(self.on_failure(reason))
+
+    def _alert(self, alert: pb.Alert) -> None:
+        spoof = SpoofAlert(self.plugin, self.call_id, alert.speaker, alert.spoof_probability,
+                           alert.start_seconds, alert.end_seconds, extra=self.extra)
+        self.alerts.append(spoof)
+        self.log.warning("spoof alert", speaker=spoof.speaker,
+                         spoof_probability=round(spoof.spoof_probability, 3))
+        if self.deliver is not None:
+            self.detector.spawn_delivery(self._deliver("platform", self.deliver, spoof))
+        webhook = self.detector.webhook
+        if webhook is not None and webhook.urls:
+            self.detector.spawn_delivery(self._deliver("webhook", _webhook(webhook), spoof))
+
+    async def _deliver(self, channel: str, sink: AlertSink, alert: SpoofAlert) -> None:
+        try:
+            await sink(alert)
+        except Exception as exc:  # a failed back channel is logged; the call goes on
+            metrics.ALERTS.labels(self.plugin, channel, "failed").inc()
+            self.log.error("alert delivery failed", channel=channel,
+                           error=f"{type(exc).__name__}: {exc}")
+        else:
+            metrics.ALERTS.labels(self.plugin, channel, "delivered").inc()
+            self.log.info("alert delivered", channel=channel, speaker=alert.speaker)
+
+
+def _webhook(sender: WebhookSender) -> AlertSink:
+    async def send(alert: SpoofAlert) -> None:
+        results = await sender.send(alert.to_dict())
+        if not all(results.values()):
+            failed = [url for url, ok in results.items() if not ok]
+            raise RuntimeError(f"not delivered to {len(failed)} of {len(results)} URLs")
+    return send
+
+
+def parse_hostport(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``":9092"``, ``"9092"`` or ``"host:9092"`` -> (host, port)."""
+    host, _, port = value.rpartition(":")
+    return host or default_host, int(port)
+
+
+def parse_listen_path(value: str, default_host: str = "0.0.0.0") -> tuple[str, int, str]:
+    """``":8080/twilio"`` or ``"host:8080/twilio"`` -> (host, port, "/twilio")."""
+    hostport, slash, path = value.partition("/")
+    host, port = parse_hostport(hostport, default_host)
+    return host, port, "/" + path if slash else "/"
+
+
+def parties_for(channels: int, names: Sequence[str] = ("caller", "agent")) -> tuple[str, ...]:
+    return tuple(names[:channels])

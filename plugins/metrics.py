@@ -1,0 +1,30 @@
+"""Prometheus metrics of the plugins, labelled by ``plugin`` (audiosocket, twilio, freeswitch,
+audiohook), in the process-wide default registry like the server's (``--metrics-port``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
+
+CALLS_OPEN = Gauge("callshield_plugin_calls_open", "Platform connections streaming", ["plugin"])
+CALLS = Counter("callshield_plugin_calls_total", "Platform connections accepted", ["plugin"])
+FRAMES = Counter("callshield_plugin_frames_total", "Audio frames received", ["plugin"])
+PROTOCOL_ERRORS = Counter(
+    "callshield_plugin_protocol_errors_total",
+    "Connections closed for a protocol error, by reason", ["plugin", "reason"],
+)
+DETECTOR_ERRORS = Counter(
+    "callshield_plugin_detector_errors_total",
+    "Detection streams that failed (detector gone, stalled or refusing)", ["plugin"],
+)
+ALERTS = Counter(
+    "callshield_plugin_alerts_total",
+    "Alert deliveries, by channel (platform, webhook) and outcome",
+    ["plugin", "channel", "outcome"],
+)
+FORWARD_SECONDS = Histogram(
+    "callshield_plugin_frame_forward_seconds",
+    "Added latency: a frame read off the platform socket -> handed to the gRPC stream",
+    ["plugin"], buckets=FORWARD_BUCKETS,
+)

@@ -1,0 +1,157 @@
+"""Routing a stream's audio to speakers: diarization for MIXED calls (see ``diarization/``).
+
+Attribution rule (the same live and offline): every sample goes to the one speaker that the
+diarizer says holds it, and to nobody when nobody speaks or when two speakers overlap, since
+an overlapped stretch would mix a genuine and a fake voice into one spoof score. Each speaker
+then has its own audio track (the rest zeroed) and its own scoring windows; a window is scored
+only when its speaker's speech fills at least ``server.windowing.MIN_SPEECH_FRACTION`` of it,
+so windows that are mostly silence, overlap or the other party are skipped, and each scored
+window belongs to the speaker who holds most of its speech by construction.
+
+Live, labels come from :class:`diarization.stream.StreamingDiarizer` (``A``, ``B``, ... in order
+of first speech, one step of latency); for ``Detect`` the whole recording is diarized first by
+pyannote's offline pipeline and its turns drive the same per-speaker tracks. SPLIT streams
+never come here: each channel is a party.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+log = structlog.get_logger("callshield.speakers")
+
+
+def _mono(channels: Sequence[np.ndarray]) -> np.ndarray:
+    if len(channels) == 1:
+        return channels[0]
+    return np.mean(np.stack(channels), axis=0).astype(np.float32)
+
+
+def _split(audio: np.ndarray, labels: np.ndarray,
+           speakers: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """Per-speaker copies of ``audio`` with everything but that speaker's samples zeroed."""
+    if not speakers:
+        return [("", audio)]
+    return [(name, np.where(labels == k, audio, 0).astype(np.float32))
+            for k, name in enumerate(speakers)]
+
+
+class DiarizingAttributor:
+    """Live diarization of one MIXED stream (a ``server.session.SpeakerAttributor``)."""
+
+    blocking = True
+
+    def __init__(self, diarizer: Any) -> None:
+        self.diarizer = diarizer
+
+    @property
+    def speakers(self) -> Sequence[str]:
+        return tuple(self.diarizer.speakers)
+
+    def _join(self, steps: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+        if not steps:
+            return []
+        audio = np.concatenate([a for a, _ in steps])
+        labels = np.concatenate([lab for _, lab in steps])
+        return _split(audio, labels, self.diarizer.speakers)
+
+    def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        return self._join(self.diarizer.push(_mono(channels)))
+
+    def flush(self) -> list[tuple[str, np.ndarray]]:
+        return self._join(self.diarizer.flush())
+
+
+class TurnsAttributor:
+    """Attribution by known speech turns (offline diarization of a whole recording)."""
+
+    blocking = False
+
+    def __init__(self, turns: Sequence[tuple[float, float, str]], sample_rate: int) -> None:
+        self.speakers = tuple(dict.fromkeys(label for _, _, label in turns))
+        self.sample_rate = sample_rate
+        self._turns = [(int(a * sample_rate), int(b * sample_rate), self.speakers.index(lab))
+                       for a, b, lab in turns]
+        self._position = 0
+
+    def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        audio = _mono(channels)
+        n = audio.shape[0]
+        start, end = self._position, self._position + n
+        count = np.zeros(n, np.int32)
+        labels = np.full(n, -1)
+        for a, b, k in self._turns:
+            lo, hi = max(a, start), min(b, end)
+            if lo < hi:
+                count[lo - start : hi - start] += 1
+                labels[lo - start : hi - start] = k
+        labels[count != 1] = -1  # silence and overlap belong to nobody
+        self._position = end
+        return _split(audio, labels, self.speakers)
+
+    def flush(self) -> list[tuple[str, np.ndarray]]:
+        return []
+
+
+def diarization_available() -> bool:
+    """pyannote.audio and resemblyzer installed (checked without importing either)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("pyannote.audio", "resemblyzer"))
+
+
+@dataclass
+class Diarization:
+    """Models shared by every MIXED stream of the server, loaded once at start-up."""
+
+    models: Any  # diarization.stream.DiarizationModels
+    model_rate: int
+    step_seconds: float = 0.5
+    pipeline_source: str = ""  # official pipeline directory for Detect; "" = project's
+    _pipeline: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stream_attributor(self) -> DiarizingAttributor:
+        from diarization.stream import StreamConfig, StreamingDiarizer
+
+        return DiarizingAttributor(StreamingDiarizer(
+            self.models, self.model_rate, StreamConfig(step_seconds=self.step_seconds)))
+
+    def _offline_turns(self, audio: np.ndarray) -> list[tuple[float, float, str]]:
+        from diarization.offline import diarize, load_pipeline
+
+        with self._lock:  # one pipeline object, not re-entrant
+            if self._pipeline is None:
+                self._pipeline = load_pipeline(self.pipeline_source or None)
+            return diarize(self._pipeline, audio, self.model_rate)
+
+    async def offline_attributor(self, audio: np.ndarray) -> TurnsAttributor:
+        turns = await asyncio.to_thread(self._offline_turns, audio)
+        return TurnsAttributor(turns, self.model_rate)
+
+
+def load_diarization(mode: str, segmentation: str, pipeline: str, step_seconds: float,
+                     model_rate: int) -> Diarization | None:
+    """``mode``: ``off``; ``on`` (fail when the models cannot load); ``auto`` (on when the
+    checkpoint and the packages are there, else off with a log line)."""
+    if mode == "off":
+        return None
+    from diarization.paths import SEGMENTATION_CHECKPOINT
+
+    checkpoint = Path(segmentation) if segmentation else SEGMENTATION_CHECKPOINT
+    if mode == "auto" and not (checkpoint.exists() and diarization_available()):
+        log.info("diarization off", reason="no checkpoint or packages", checkpoint=str(checkpoint))
+        return None
+    from diarization.stream import DiarizationModels
+
+    models = DiarizationModels(checkpoint)
+    log.info("diarization on", segmentation=str(checkpoint), step_seconds=step_seconds,
+             offline_pipeline=pipeline or "project")
+    return Diarization(models, model_rate, step_seconds, pipeline)

@@ -1,0 +1,97 @@
+"""Acceptance: real calls from ../shared/calls, replayed at real-time pacing (20 ms frames) by
+peers speaking each platform's protocol, through the real plugins, the real server
+(in-process queue) and the default model. A spoofed caller triggers every platform's back
+channel (AMI Setvar, Twilio REST call update, FreeSWITCH JSON frame, AudioHook event) and the
+signed webhook; a bona fide call triggers none. The four platforms' calls run concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from plugins.asterisk import mapping_variable
+from plugins.webhook import verify
+from server.app import RunningServer
+from tests.plugin_peers import (
+    AUDIOHOOK_KEY,
+    TWILIO_TOKEN,
+    WEBHOOK_SECRET,
+    FakeAmi,
+    FakeHttp,
+    Legs,
+    audiohook_call,
+    audiosocket_call,
+    back_ends,
+    bonafide_legs,
+    freeswitch_call,
+    plugin_stack,
+    spoof_legs,
+    twilio_call,
+    ws_url,
+)
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import SHARED_CALLS
+
+pytestmark = pytest.mark.skipif(not (SHARED_CALLS / "call_dev_03_stereo.flac").is_file(),
+                                reason="../shared/calls not available")
+CHANNEL = "PJSIP/caller-00000001"
+
+
+async def _four_calls(server: RunningServer, legs: Legs) -> tuple[
+        FakeAmi, FakeHttp, list[dict], list[dict], bytes, str]:
+    call_uuid, call_sid = str(uuid.uuid4()), "CA" + uuid.uuid4().hex
+    async with back_ends() as (ami, http), plugin_stack(server.port, ami, http) as running:
+        ami.globals[mapping_variable(call_uuid)] = CHANNEL
+        audiosocket_back, _twilio, fork_frames, hook_messages = await asyncio.gather(
+            audiosocket_call(running.ports["audiosocket"], call_uuid, legs),
+            twilio_call(ws_url(running, "/twilio"), TWILIO_TOKEN, call_sid, legs),
+            freeswitch_call(ws_url(running, "/fork"), str(uuid.uuid4()), legs),
+            audiohook_call(ws_url(running, "/audiohook"), AUDIOHOOK_KEY, str(uuid.uuid4()),
+                           legs),
+        )
+        await running.detector.drain(10)  # deliveries of the last alerts
+    return ami, http, fork_frames, hook_messages, audiosocket_back, call_sid
+
+
+async def test_spoofed_caller_alerts_through_every_back_channel(server: RunningServer) -> None:
+    ami, http, fork_frames, hook_messages, audiosocket_back, call_sid = await _four_calls(
+        server, spoof_legs())
+    # Asterisk: SPOOF_* set on the channel the dialplan published for the AudioSocket UUID
+    setvars = {a["Variable"]: a for a in ami.setvars()}
+    assert set(setvars) == {"SPOOF_VERDICT", "SPOOF_SCORE", "SPOOF_SPEAKER"}
+    assert {a["Channel"] for a in setvars.values()} == {CHANNEL}
+    assert setvars["SPOOF_VERDICT"]["Value"] == "spoof"
+    assert setvars["SPOOF_SPEAKER"]["Value"] == "caller"
+    assert 0.0 <= float(setvars["SPOOF_SCORE"]["Value"]) <= 1.0
+    assert audiosocket_back == b""  # a normal hangup: nothing written back
+    # Twilio: one REST call update of this call, to the configured alert URL
+    updates = http.matching("/2010-04-01/")
+    assert [u.path for u in updates] == [f"/2010-04-01/Accounts/ACtest/Calls/{call_sid}.json"]
+    assert updates[0].method == "POST" and b"Url=https" in updates[0].body
+    assert updates[0].headers["Authorization"].startswith("Basic ")
+    # FreeSWITCH: the JSON alert frame on the fork socket
+    alerts = [f for f in fork_frames if f.get("type") == "spoof_alert"]
+    assert [a["data"]["speaker"] for a in alerts] == ["caller"]
+    # AudioHook: an event message carrying the alert, in sequence
+    events = [m for m in hook_messages if m["type"] == "event"]
+    assert [e["parameters"]["entities"][0]["data"]["speaker"] for e in events] == ["caller"]
+    assert [m["seq"] for m in hook_messages] == list(range(1, len(hook_messages) + 1))
+    # webhook: one signed POST per platform
+    hooks = http.matching("/hook")
+    assert sorted(json.loads(h.body)["plugin"] for h in hooks) == [
+        "audiohook", "audiosocket", "freeswitch", "twilio"]
+    assert all(verify(WEBHOOK_SECRET, h.body, h.headers["X-Callshield-Signature"])
+               for h in hooks)
+
+
+async def test_bonafide_call_alerts_nowhere(server: RunningServer) -> None:
+    ami, http, fork_frames, hook_messages, _back, _sid = await _four_calls(
+        server, bonafide_legs())
+    assert ami.setvars() == []
+    assert http.requests == []  # no Twilio call update, no webhook
+    assert [f for f in fork_frames if f.get("type") == "spoof_alert"] == []
+    assert [m for m in hook_messages if m["type"] == "event"] == []
+    assert [m["type"] for m in hook_messages] == ["opened", "closed"]
