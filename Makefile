@@ -8,7 +8,7 @@ export PYANNOTE_METRICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
-	bench-diarization train-diarization bench-plugins plugins
+	bench-diarization train-diarization bench-plugins plugins train-baselines
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,8 +41,13 @@ run: install ## server with the in-process queue and the default model on 127.0.
 run-redis: install ## a local redis-server, two workers and the server
 	bash scripts/run-redis.sh
 
-train: install ## train the default model (resumable; runs/rawnet2-tel)
+train: install ## train the default model (resumable; runs/rawnet2-tel) and write its card
 	$(PY) -m models train models/configs/rawnet2_tel.yaml
+	$(PY) -m models card --model default > models/checkpoints/MODEL_CARD.md
+
+train-baselines: install ## train LFCC+GMM and AASIST-L on the same data, for comparison
+	$(PY) -m models train models/configs/lfcc_gmm.yaml
+	$(PY) -m models train models/configs/aasist_l_tel.yaml
 
 bench-models: install ## model EER and CPU throughput -> bench/results/models.{json,md}
 	$(PY) -m bench.models

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "machine": {"cpu_threads": 2, "cores": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__},
+                    "torch": str(torch.__version__)},
         "window_seconds": 4.0,
         "dev_eer": quality,
         "throughput": speed,

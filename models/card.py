@@ -26,8 +26,11 @@ def render_card(detector: Detector) -> str:
         f"(ASVspoof 2019 LA layout, 8 kHz telephone band); selection on the dev split",
     ]
     if "best_epoch" in card:
-        lines.append(f"- epochs trained: {card['epochs_trained']}, best on dev: epoch "
-                     f"{card['best_epoch']}")
+        planned = config.get("optim", {}).get("epochs", card["epochs_trained"])
+        stopped = (f" (stopped early: {planned} planned)"
+                   if card["epochs_trained"] < planned else "")
+        lines.append(f"- epochs trained: {card['epochs_trained']}{stopped}, best on dev: "
+                     f"epoch {card['best_epoch']}")
     lines.append(f"- training time: {card.get('training_seconds', 0) / 60:.1f} min")
     if "machine" in card:
         m = card["machine"]

@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from models.tasks.antispoofing import train
 
-    result = train(config, run_dir, progress=not args.quiet)
+    result = train(config, run_dir, progress=not args.quiet, export_only=args.export_only)
     print(f"best epoch {result.best_epoch + 1}: dev EER {100 * result.best_dev_eer:.2f}%")
     print(f"checkpoint: {result.checkpoint}")
     return 0
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N training trials")
     p.add_argument("--output", help="final checkpoint path (overrides the config)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the best epoch of RUN_DIR without training further")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("score", help="write 'UTT_ID SCORE' per protocol line")

@@ -5,6 +5,13 @@ one hop until they reach the full length, then slide: so a verdict comes within 
 seconds of speech instead of after a full window. Windows with too little speech (a silent
 channel in SPLIT mode, gaps between turns) are marked so that they are not scored: a spoof
 score of background noise means nothing and would only pull the running probability around.
+
+The audio a window hands to the model is its speech only: the frames below the energy gate
+are cut out and the speech is repeat-padded back to the window's length. The models are
+trained on trimmed utterances, repeat-padded when short; a window that is mostly the other
+party's turn (silence on this speaker's channel) is far outside that, and on the dev calls
+it hid a TTS voice that its speech alone scores at 0.95. Padding back to the window length
+keeps the few standard lengths, so windows of many streams still batch together.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.data.audio import repeat_pad
+
 SPEECH_FRAME_SECONDS = 0.02
 SPEECH_DBFS = -50.0  # a frame louder than this counts as speech (call noise floors: -55 to -75)
 MIN_SPEECH_FRACTION = 0.25  # of a window, for it to be scored
+MIN_SPEECH_SECONDS = 0.5  # and at least this much: shorter speech repeats too often when padded
 MIN_TAIL_SECONDS = 0.5  # shortest audio a final window may rest on
 
 
@@ -23,24 +33,40 @@ MIN_TAIL_SECONDS = 0.5  # shortest audio a final window may rest on
 class Window:
     start: float  # seconds from the start of the stream
     end: float
-    audio: np.ndarray  # float32 at the model's rate
+    audio: np.ndarray  # float32 at the model's rate: the window's speech, repeat-padded
     speech_seconds: float  # in the whole window
     speech_total: float  # in the speaker's audio from the start of the stream to ``end``
 
     @property
     def has_speech(self) -> bool:
-        return self.speech_seconds >= MIN_SPEECH_FRACTION * (self.end - self.start)
+        return self.speech_seconds >= max(
+            MIN_SPEECH_SECONDS, MIN_SPEECH_FRACTION * (self.end - self.start)
+        )
+
+
+def _speech_frames(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames, mask)``: whole 20 ms frames, and which are above :data:`SPEECH_DBFS` (an
+    energy gate, not a VAD model)."""
+    frame = int(SPEECH_FRAME_SECONDS * sample_rate)
+    n = audio.shape[0] // frame
+    frames = audio[: n * frame].reshape(n, frame)
+    rms_db = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-12)
+    return frames, rms_db > SPEECH_DBFS
 
 
 def speech_seconds(audio: np.ndarray, sample_rate: int) -> float:
-    """Seconds of 20 ms frames above :data:`SPEECH_DBFS`: an energy gate, not a VAD model."""
-    frame = int(SPEECH_FRAME_SECONDS * sample_rate)
-    n = audio.shape[0] // frame
-    if n == 0:
-        return 0.0
-    frames = audio[: n * frame].reshape(n, frame).astype(np.float64)
-    rms_db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
-    return float(np.count_nonzero(rms_db > SPEECH_DBFS) * SPEECH_FRAME_SECONDS)
+    """Seconds of 20 ms frames above :data:`SPEECH_DBFS`."""
+    return float(np.count_nonzero(_speech_frames(audio, sample_rate)[1]) * SPEECH_FRAME_SECONDS)
+
+
+def speech_only(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float]:
+    """The speech frames of ``audio``, repeat-padded to its length, and their seconds;
+    ``audio`` itself when it has no speech frame."""
+    frames, mask = _speech_frames(audio, sample_rate)
+    seconds = float(np.count_nonzero(mask) * SPEECH_FRAME_SECONDS)
+    if seconds == 0:
+        return audio, 0.0
+    return repeat_pad(frames[mask].reshape(-1), audio.shape[0]), seconds
 
 
 class Windower:
@@ -97,7 +123,8 @@ class Windower:
         self._last_end = end
         rate = self.sample_rate
         self._speech_total += speech_seconds(audio[new_from:], rate)
+        speech, seconds = speech_only(audio, rate)
         return Window(
-            start=start / rate, end=end / rate, audio=audio,
-            speech_seconds=speech_seconds(audio, rate), speech_total=self._speech_total,
+            start=start / rate, end=end / rate, audio=speech,
+            speech_seconds=seconds, speech_total=self._speech_total,
         )

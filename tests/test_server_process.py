@@ -94,6 +94,8 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
         "PYANNOTE_METRICS_ENABLED": "false", "CALLSHIELD_LISTEN": f"127.0.0.1:{port}",
         "CALLSHIELD_AUTH_TOKEN": "t0k", "CALLSHIELD_TLS_CERT": str(cert),
         "CALLSHIELD_TLS_KEY": str(key),
+        # A noise-only MIXED stream: with diarization on, nobody speaks and no window comes.
+        "CALLSHIELD_DIARIZATION": "off",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", cwd=ROOT, env=env,
@@ -110,7 +112,8 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
             await call.write(pb.StreamDetectRequest(config=stream_config()))
             (chunk,) = linear16_chunks(noise_pcm(1.5), seconds=1.5)
             await call.write(pb.StreamDetectRequest(audio=chunk))
-            responses = [await call.read()]  # the stream is open on the server
+            # The stream is open on the server once its first window comes back.
+            responses = [await asyncio.wait_for(call.read(), 60)]
             proc.send_signal(signal.SIGTERM)  # drains: the open stream still completes
             await asyncio.sleep(0.3)
             await call.done_writing()

@@ -102,8 +102,13 @@ def score_dataset(model: torch.nn.Module, dataset: TrialDataset, batch_size: int
     return np.concatenate(out).astype(np.float64)
 
 
-def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> TrainResult:
-    """Train (or resume) and export the best-on-dev model, calibrated on dev."""
+def train(
+    config: TrainConfig, run_dir: str | Path, progress: bool = True, export_only: bool = False
+) -> TrainResult:
+    """Train (or resume) and export the best-on-dev model, calibrated on dev.
+
+    ``export_only`` exports the best epoch so far without training further: a run stopped
+    early (time budget) still yields its checkpoint and card, which then say so."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -143,7 +148,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
 
     crop_rng = np.random.default_rng(config.optim.seed + 7919)
     min_crop = int(config.data.min_crop_seconds * sample_rate)
-    for epoch in range(start_epoch, config.optim.epochs):
+    for epoch in range(start_epoch, start_epoch if export_only else config.optim.epochs):
         began = time.time()
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
@@ -181,7 +186,9 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
                   f"dev EER {100 * record.dev_eer:.2f}% ({record.seconds:.0f} s)", flush=True)
         if record.dev_eer < result.best_dev_eer:
             result.best_epoch, result.best_dev_eer = epoch, record.dev_eer
-            torch.save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+            # The dev scores travel with the weights: export calibrates on them unchanged.
+            torch.save({"model": model.state_dict(), "epoch": epoch,
+                        "dev_scores": torch.from_numpy(scores)}, run_dir / "best.pt")
         torch.save(
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -198,7 +205,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> Tr
 
 def machine_description(threads: int) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-            "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": threads,
+            "torch": str(torch.__version__),
             "device": "cpu"}
 
 
@@ -214,7 +222,10 @@ def export(
     """Write the best epoch's weights as a callshield checkpoint, calibrated on dev."""
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
-    scores = score_dataset(model, dev_set, config.optim.batch_size)
+    if "dev_scores" in best and len(best["dev_scores"]) == len(dev_set):
+        scores = best["dev_scores"].numpy()
+    else:  # a run dir from before the scores were kept
+        scores = score_dataset(model, dev_set, config.optim.batch_size)
     calibration = fit_calibration(scores, dev_labels)
     eers = eer_by_system(scores, dev_labels, dev_systems)
     out = Path(config.output) if config.output else run_dir / "model.pt"
