@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from callshield.v1 import detection_pb2 as pb
 
 DEFAULT_THRESHOLD = 0.5
-SMOOTHING = 0.35  # weight of the newest window in the running probability
+SMOOTHING = 0.2  # weight of the newest window: the verdict rests on about 5 windows
 MARGIN = 0.1  # hysteresis band below the threshold
 MIN_SPEECH_SECONDS = 1.0  # before a speaker leaves UNKNOWN
 CONFIRM_WINDOWS = 2
