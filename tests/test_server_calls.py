@@ -37,7 +37,7 @@ async def test_spoofed_party_is_flagged_in_split_mode(backend_server: RunningSer
 
 
 @pytest.mark.parametrize(("example", "source"), [
-    ("bonafide_call.wav", "call_dev_00.flac"), ("spoof_call.wav", "call_dev_03.flac"),
+    ("bonafide_call.wav", "call_dev_00.flac"), ("spoof_call.wav", "call_dev_04.flac"),
     ("spoof_call_stereo.wav", "call_dev_03_stereo.flac"),
 ])
 def test_examples_are_cut_from_the_shared_calls(example: str, source: str) -> None:
