@@ -27,6 +27,7 @@ from plugins.core import AudioFormat, CallBridge, Detector, DetectorGone, SpoofA
 
 PLUGIN = "audiosocket"
 HANGUP, UUID, DTMF, SLIN, ERROR = 0x00, 0x01, 0x03, 0x10, 0xFF
+LINGER_SECONDS = 0.5  # after a last frame, before closing (see _Call.close)
 DEFAULT_SLIN_TYPES: Mapping[int, int] = {SLIN: 8000}
 IDLE_SECONDS = 10.0  # Asterisk sends 20 ms frames all call long; silence this long is a fault
 log = structlog.get_logger("callshield.plugins.audiosocket")
@@ -188,12 +189,19 @@ class _Call:
         await self.close(frame(HANGUP))
 
     async def close(self, last: bytes = b"") -> None:
+        """Close, sending ``last`` (hangup or error frame) first. After that frame the write
+        side is shut (FIN) and the socket lingers briefly before closing: Asterisk keeps
+        streaming audio until it reads the frame, and closing a socket with unread input
+        makes the kernel send a reset, which can destroy the frame before Asterisk reads it."""
         if self.writer.is_closing():
             return
         with suppress(ConnectionError, OSError):
             if last:
                 self.writer.write(last)
                 await self.writer.drain()
+                if self.writer.can_write_eof():
+                    self.writer.write_eof()
+                await asyncio.sleep(LINGER_SECONDS)
         self.writer.close()
         with suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
