@@ -21,8 +21,8 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from callshield.v1 import detection_pb2 as pb
-from plugins import metrics, ws
-from plugins.core import AudioFormat, CallBridge, Detector, DetectorGone, SpoofAlert
+from plugins import ws
+from plugins.core import AudioFormat, CallBridge, Detector, SpoofAlert
 
 PLUGIN = "freeswitch"
 RATES = {"8k": 8000, "8000": 8000, "16k": 16000, "16000": 16000}
@@ -54,20 +54,7 @@ class AudioFork:
         socket = web.WebSocketResponse(protocols=("audio.drachtio.org", "audiostream.drachtio.org"))
         await socket.prepare(request)
         call = _Fork(self, socket)
-        try:
-            await call.run()
-        except ws.WsProtocolError as exc:
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, exc.reason).inc()
-            call.log.warning("protocol error", reason=exc.reason, detail=str(exc))
-            await ws.close(socket, exc.code, str(exc))
-        except DetectorGone:
-            await ws.close(socket, ws.INTERNAL_ERROR, "detector unavailable")
-        except Exception:
-            call.log.exception("internal error")
-            await ws.close(socket, ws.INTERNAL_ERROR, "internal error")
-        finally:
-            if call.bridge is not None:
-                await call.bridge.abort("connection closed")
+        await ws.run_call(PLUGIN, socket, call)
         return socket
 
 

@@ -33,7 +33,7 @@ from aiohttp import WSMsgType, web
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics, ws
-from plugins.core import AudioFormat, CallBridge, Detector, DetectorGone, SpoofAlert
+from plugins.core import AudioFormat, CallBridge, Detector, SpoofAlert
 
 PLUGIN = "twilio"
 PARTY = {"inbound": "caller", "outbound": "agent"}
@@ -82,20 +82,7 @@ class TwilioMediaStreams:
         socket = web.WebSocketResponse()
         await socket.prepare(request)
         call = _Stream(self, socket)
-        try:
-            await call.run()
-        except ws.WsProtocolError as exc:
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, exc.reason).inc()
-            call.log.warning("protocol error", reason=exc.reason, detail=str(exc))
-            await ws.close(socket, exc.code, str(exc))
-        except DetectorGone:
-            await ws.close(socket, ws.INTERNAL_ERROR, "detector unavailable")
-        except Exception:
-            call.log.exception("internal error")
-            await ws.close(socket, ws.INTERNAL_ERROR, "internal error")
-        finally:
-            if call.bridge is not None:
-                await call.bridge.abort("connection closed")
+        await ws.run_call(PLUGIN, socket, call)
         return socket
 
     async def update_call(self, account_sid: str, call_sid: str, alert: SpoofAlert) -> None:

@@ -1,11 +1,16 @@
-"""What the WebSocket plugins share: close codes (RFC 6455) and a per-connection error type."""
+"""What the WebSocket plugins share: close codes (RFC 6455), a per-connection error type,
+and running one connection to its end."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
+import structlog
 from aiohttp import WSMsgType, web
+
+from plugins import metrics
+from plugins.core import CallBridge, DetectorGone
 
 NORMAL = 1000
 PROTOCOL_ERROR = 1002
@@ -22,6 +27,32 @@ class WsProtocolError(Exception):
         super().__init__(detail)
         self.reason = reason
         self.code = code
+
+
+class WsCall(Protocol):
+    log: structlog.stdlib.BoundLogger
+    bridge: CallBridge | None
+
+    async def run(self) -> None: ...
+
+
+async def run_call(plugin: str, socket: web.WebSocketResponse, call: WsCall) -> None:
+    """Run one connection; every failure ends here as its close code and a log line, so it
+    never reaches aiohttp or another call."""
+    try:
+        await call.run()
+    except WsProtocolError as exc:
+        metrics.PROTOCOL_ERRORS.labels(plugin, exc.reason).inc()
+        call.log.warning("protocol error", reason=exc.reason, detail=str(exc))
+        await close(socket, exc.code, str(exc))
+    except DetectorGone:
+        await close(socket, INTERNAL_ERROR, "detector unavailable")
+    except Exception:
+        call.log.exception("internal error")
+        await close(socket, INTERNAL_ERROR, "internal error")
+    finally:
+        if call.bridge is not None:
+            await call.bridge.abort("connection closed")
 
 
 def json_message(msg: Any) -> dict[str, Any]:
