@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from models.inference import Detector
 from server.queue.base import WindowJob, WindowScore
 
@@ -19,7 +17,3 @@ def score_jobs(detector: Detector, jobs: Sequence[WindowJob]) -> list[WindowScor
         WindowScore(job.job_id, float(s), float(p), detector.name)
         for job, s, p in zip(jobs, scores, probabilities, strict=True)
     ]
-
-
-def as_float32(audio: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(audio, dtype=np.float32)
