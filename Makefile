@@ -8,7 +8,10 @@ export PYANNOTE_METRICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
-	bench-diarization train-diarization bench-plugins plugins train-baselines
+	bench-diarization train-diarization bench-plugins plugins train-baselines vocode \
+	bench-generalization loso-folds train-gpu train-fusion
+CORPUS := ../shared/corpus
+VOCODED := runs/vocoded/train
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,9 +44,35 @@ run: install ## server with the in-process queue and the default model on 127.0.
 run-redis: install ## a local redis-server, two workers and the server
 	bash scripts/run-redis.sh
 
+vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> runs/vocoded/train
+	$(PY) -m models vocode --protocol $(CORPUS)/ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.train.trn.txt \
+		--audio-dir $(CORPUS)/ASVspoof2019_LA_train/flac --out $(VOCODED) \
+		--vocoder hifigan-universal --vocoder hifigan-lj --threads 2
+
 train: install ## train the default model (resumable; runs/rawnet2-tel) and write its card
 	$(PY) -m models train models/configs/rawnet2_tel.yaml
 	$(PY) -m models card --model default > models/checkpoints/MODEL_CARD.md
+
+train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on LOSO scores (after loso-folds)
+	$(PY) -m models train models/configs/rawnet2_tel_voc.yaml
+	$(PY) -m bench.generalization ship models/checkpoints/rawnet2_voc.pt --recipe rawnet2-voc --prior 0.8
+	$(PY) -m bench.generalization report --mode full --recipes lfcc-gmm --fuse
+	$(PY) -m bench.generalization fuse-model --mode full --out models/checkpoints/fusion.pt \
+		--part models/checkpoints/rawnet2_voc.pt=rawnet2-voc --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm \
+		--name callshield-fusion --version 2
+	$(PY) -m bench.generalization ship models/checkpoints/fusion.pt --recipe rawnet2-voc+lfcc-gmm --mode full
+	$(PY) -m models card --model fusion > models/checkpoints/FUSION_CARD.md
+	$(PY) -m models card --model rawnet2-voc > models/checkpoints/RAWNET2_VOC_CARD.md
+
+loso-folds: install vocode ## train the neural recipes' leave-one-system-out folds (long; resumable)
+	$(PY) -m bench.generalization train-folds --recipe rawnet2-voc --recipe rawnet2 --threads 2
+	$(PY) -m bench.generalization export-folds
+
+bench-generalization: install ## LOSO EER per recipe (reduced, < 20 min) -> bench/results/generalization.*
+	$(PY) -m bench.generalization report --mode reduced
+
+train-gpu: ## on a CUDA machine: vocode, LOSO folds and the default model in one run ($$OUT)
+	bash scripts/train-gpu.sh
 
 train-baselines: install ## train LFCC+GMM and AASIST-L on the same data, for comparison
 	$(PY) -m models train models/configs/lfcc_gmm.yaml

@@ -32,6 +32,8 @@ def _train(args: argparse.Namespace) -> int:
         config.data.limit = args.limit
     if args.output is not None:
         config.output = args.output
+    if args.device is not None:
+        config.optim.device = args.device
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     if config.architecture == "lfcc_gmm":
         from models.tasks.gmm import train_lfcc_gmm
@@ -138,6 +140,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vocode(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.data.vocode import sources_from_folder, sources_from_protocol, vocode
+
+    torch.set_num_threads(args.threads)
+    if args.protocol:
+        if not args.audio_dir:
+            raise UsageError("--protocol needs --audio-dir")
+        sources = sources_from_protocol(args.protocol, args.audio_dir)
+    elif args.input_dir:
+        sources = sources_from_folder(args.input_dir, args.speaker)
+    else:
+        raise UsageError("give --protocol with --audio-dir, or --input-dir")
+    if args.limit is not None:
+        sources = sources[: args.limit]
+    protocol = vocode(sources, args.out, args.vocoder, args.sample_rate, args.device,
+                      progress=not args.quiet)
+    print(f"wrote {protocol} ({len(sources) * len(args.vocoder)} items)", file=sys.stderr)
+    return 0
+
+
 def _card(args: argparse.Namespace) -> int:
     from models.card import render_card
     from models.inference import load_detector
@@ -156,13 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--limit", type=int, help="use only the first N training trials")
     p.add_argument("--output", help="final checkpoint path (overrides the config)")
+    p.add_argument("--device", help="cpu, cuda or auto (overrides the config)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--export-only", action="store_true",
                    help="export the best epoch of RUN_DIR without training further")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("score", help="write 'UTT_ID SCORE' per protocol line")
-    p.add_argument("--model", default="default", help="default, lfcc-gmm, aasist-l or a path")
+    p.add_argument("--model", default="default", help="default, fusion, rawnet2-voc, lfcc-gmm, aasist-l or a path")
     p.add_argument("--protocol", required=True)
     p.add_argument("--audio-dir", required=True)
     p.add_argument("--out", required=True)
@@ -178,14 +203,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser(
+        "vocode", help="copy-synthesise bona fide audio through neural vocoders (spoof data)",
+        description="Re-synthesise every bona fide recording through each vocoder and write "
+        "OUT/flac/<UTT>_<SYSTEM>.flac plus OUT/protocol.txt (spoof lines), ready for a "
+        "training config's data.extra. Resumable: existing files are kept.")
+    p.add_argument("--protocol", help="ASVspoof-style protocol (its bona fide lines are used)")
+    p.add_argument("--audio-dir", help="audio folder of --protocol")
+    p.add_argument("--input-dir", help="or: every .wav/.flac under this folder")
+    p.add_argument("--speaker", default="-", help="speaker id for --input-dir items")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocoder", action="append", choices=sorted(_vocoder_names()),
+                   help="repeatable (default hifigan-universal)")
+    p.add_argument("--sample-rate", type=int, default=8000, help="rate of the written files")
+    p.add_argument("--limit", type=int, help="only the first N sources")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_vocode, vocoder=None)
+
     p = sub.add_parser("card", help="print a checkpoint's model card as Markdown")
     p.add_argument("--model", default="default")
     p.set_defaults(func=_card)
     return parser
 
 
+def _vocoder_names() -> list[str]:
+    from models.data.vocode import VOCODERS
+
+    return list(VOCODERS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is _vocode and not args.vocoder:
+        args.vocoder = ["hifigan-universal"]
     try:
         return int(args.func(args))
     except (UsageError, ProtocolError, AudioError, ModelNotFoundError, FileNotFoundError) as exc:

@@ -5,7 +5,8 @@ means the same model everywhere.
 
 A callshield checkpoint is a ``torch.save``d dict (loadable with ``weights_only=True``)::
 
-    {"format": "callshield/1", "architecture": "rawnet2" | "aasist" | "lfcc_gmm",
+    {"format": "callshield/1", "architecture": "rawnet2" | "aasist" | "lfcc_gmm" |
+     "whisper_lr" | "fusion",
      "name": str, "version": str, "sample_rate": int, "window_seconds": float,
      "model_config": dict, "state_dict": dict, "calibration": {"scale", "bias"}, "card": dict}
 
@@ -28,10 +29,19 @@ import torch
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
-    "default": CHECKPOINT_DIR / "default.pt",
+    "default": CHECKPOINT_DIR / "default.pt",  # RawNet2-tel v1 (MODEL_CARD.md)
+    # RawNet2 trained with vocoded bona fide as extra spoofs, fused with LFCC+GMM; weights and
+    # calibration fitted on leave-one-system-out scores (FUSION_CARD.md). Best on LOSO, but
+    # not the default: see the README, "Unseen engines".
+    "fusion": CHECKPOINT_DIR / "fusion.pt",
+    "rawnet2-voc": CHECKPOINT_DIR / "rawnet2_voc.pt",  # its RawNet2 part (RAWNET2_VOC_CARD.md)
     "lfcc-gmm": CHECKPOINT_DIR / "lfcc_gmm.pt",
     "aasist-l": CHECKPOINT_DIR / "aasist_l.pt",
 }
+
+
+# Architectures that are not a logits ``nn.Module``: their model scores a list of waveforms.
+WAVE_SCORERS = ("lfcc_gmm", "whisper_lr", "fusion")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -107,7 +117,7 @@ class Detector:
 
     def score_batch(self, batch: np.ndarray) -> np.ndarray:
         """Scores of equal-length waveforms ``(B, T)`` in one forward pass."""
-        if self.architecture == "lfcc_gmm":
+        if self.architecture in WAVE_SCORERS:
             return np.asarray(self.model.score(list(batch)), dtype=np.float64)
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         x = x.to(self.device, self.dtype, non_blocking=True)
@@ -207,6 +217,15 @@ def load_detector(
             window_seconds=64600 / 16000, model=model, device=torch_device, dtype=dtype,
             official_score=official,
         )
+    return detector_from_state(state, torch_device, dtype)
+
+
+def detector_from_state(
+    state: dict[str, Any], device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Detector:
+    """A :class:`Detector` from a loaded callshield checkpoint dict."""
+    device = device or torch.device("cpu")
     calibration = Calibration(**state.get("calibration", {}))
     common = dict(
         name=state["name"], version=state["version"], architecture=state["architecture"],
@@ -217,10 +236,22 @@ def load_detector(
         from models.architectures.lfcc_gmm import LFCCGMM
 
         return Detector(model=LFCCGMM.from_state_dict(state["state_dict"]), **common)
+    if state["architecture"] == "whisper_lr":
+        from models.architectures.whisper import WhisperLR
+
+        return Detector(model=WhisperLR.from_state_dict(state["state_dict"]), **common)
+    if state["architecture"] == "fusion":
+        from models.architectures.fusion import FusedScorer
+
+        fused = state["state_dict"]
+        parts = [detector_from_state(p, device, dtype) for p in fused["parts"]]
+        model = FusedScorer(parts, fused["mean"], fused["scale"], fused["weight"],
+                            fused["bias"])
+        return Detector(model=model, **common)
     model = build_model(state["architecture"], state["model_config"])
     model.load_state_dict(state["state_dict"], strict=True)
-    model = model.to(torch_device, dtype).eval()
-    return Detector(model=model, device=torch_device, dtype=dtype, **common)
+    model = model.to(device, dtype).eval()
+    return Detector(model=model, device=device, dtype=dtype, **common)
 
 
 def save_checkpoint(path: str | Path, **fields: Any) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import structlog
 
 from plugins.app import PluginSettings, start_plugins
-from plugins.asterisk import AmiTarget, AriTarget
+from plugins.asterisk import AmiTarget
 from plugins.audiosocket import parse_slin_types
 from plugins.core import Detector, parse_hostport
 from plugins.twilio import TwilioSettings
@@ -41,8 +41,6 @@ def parser() -> argparse.ArgumentParser:
         "detector_token": "bearer token for the detection server",
         "ami": "Asterisk AMI host:port for alerts (Setvar)",
         "ami_username": "", "ami_secret": "",
-        "ari_url": "Asterisk ARI base URL for alerts, e.g. http://pbx:8088/ari",
-        "ari_username": "", "ari_password": "",
         "slin_types": "extra AudioSocket slin types, e.g. 0x11=16000 (0x10=8000 always)",
         "twilio_auth_token": "checks X-Twilio-Signature and authenticates the call update",
         "twilio_public_url": "the wss:// base URL Twilio connects to (for the signature)",
@@ -69,12 +67,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> tuple[PluginSettings, Detector]:
-    alerts: AmiTarget | AriTarget | None = None
+    alerts: AmiTarget | None = None
     if args.ami:
         host, port = parse_hostport(args.ami, "127.0.0.1")
         alerts = AmiTarget(host, port, args.ami_username, args.ami_secret)
-    elif args.ari_url:
-        alerts = AriTarget(args.ari_url, args.ari_username, args.ari_password)
     twilio = TwilioSettings(
         auth_token=args.twilio_auth_token, public_url=args.twilio_public_url,
         api_base=args.twilio_api_base, account_sid=args.twilio_account_sid,

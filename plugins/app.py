@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from plugins.asterisk import AmiTarget, AriTarget
+from plugins.asterisk import AmiTarget
 from plugins.audiohook import AudioHookServer
 from plugins.audiosocket import DEFAULT_SLIN_TYPES, AudioSocketServer
 from plugins.core import Detector, parse_hostport, parse_listen_path
@@ -29,7 +29,7 @@ class PluginSettings:
     twilio: str = ""  # "host:port/path"
     freeswitch: str = ""
     audiohook: str = ""
-    asterisk_alerts: AmiTarget | AriTarget | None = None
+    asterisk_alerts: AmiTarget | None = None
     slin_types: Mapping[int, int] = field(default_factory=lambda: dict(DEFAULT_SLIN_TYPES))
     twilio_settings: TwilioSettings = field(default_factory=TwilioSettings)
     audiohook_api_key: str = ""

@@ -1,16 +1,20 @@
-"""Alerts back into an Asterisk call: channel variables set over AMI or ARI.
+"""Alerts back into an Asterisk call: channel variables set over AMI.
 
 AudioSocket carries only a UUID, not the channel, so the dialplan publishes the mapping as a
-global variable before starting AudioSocket (see docs/telephony.md)::
+global variable before starting the fork (see docs/telephony.md)::
 
-    CALLSHIELD_<uuid without dashes> = ${CHANNEL}     (AMI: Setvar needs the channel name)
-    CALLSHIELD_<uuid without dashes> = ${UNIQUEID}    (ARI: channel ids are unique ids)
+    CALLSHIELD_<uuid without dashes> = ${CHANNEL}
 
-On an alert the plugin reads that global (AMI ``Getvar`` without a channel; ARI ``GET
-/asterisk/variable``) and sets ``SPOOF_VERDICT``, ``SPOOF_SCORE`` and ``SPOOF_SPEAKER`` on the
-channel (AMI ``Setvar``; ARI ``POST /channels/{id}/variable``), so the dialplan can branch with
-``GotoIf($["${SPOOF_VERDICT}" = "spoof"]?fraud,s,1)``. One short AMI session per alert keeps
-the plugin free of a long-lived manager connection to babysit; alerts are rare.
+On an alert the plugin reads that global (AMI ``Getvar`` without a channel) and sets
+``SPOOF_VERDICT``, ``SPOOF_SCORE`` and ``SPOOF_SPEAKER`` on the channel (AMI ``Setvar``), so
+the dialplan can branch with ``GotoIf($["${SPOOF_VERDICT}" = "spoof"]?fraud,s,1)``. One short
+AMI session per alert keeps the plugin free of a long-lived manager connection to babysit;
+alerts are rare.
+
+There is no ARI path: ARI sets channel variables only on channels inside a Stasis
+application (``POST /ari/channels/{id}/variable`` on a dialplan channel answers 409 "Channel
+not in Stasis application", seen on a real Asterisk), and the documented fork keeps the
+caller's channel in the dialplan.
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass
-
-import aiohttp
 
 from plugins.core import SpoofAlert
 
@@ -103,26 +105,3 @@ class _AmiSession:
             packet[key.strip()] = value.strip()
 
 
-@dataclass(frozen=True)
-class AriTarget:
-    base_url: str  # e.g. http://asterisk:8088/ari
-    username: str
-    password: str
-
-    async def set_alert(self, uuid: str, alert: SpoofAlert) -> None:
-        auth = aiohttp.BasicAuth(self.username, self.password)
-        timeout = aiohttp.ClientTimeout(total=AMI_TIMEOUT_SECONDS)
-        base = self.base_url.rstrip("/")
-        async with aiohttp.ClientSession(auth=auth, timeout=timeout) as http:
-            async with http.get(f"{base}/asterisk/variable",
-                                params={"variable": mapping_variable(uuid)}) as response:
-                if response.status != 200:
-                    raise AsteriskError(f"ARI variable lookup: HTTP {response.status}")
-                channel_id = str((await response.json()).get("value", ""))
-            if not channel_id:
-                raise AsteriskError(f"no channel published for AudioSocket {uuid}")
-            for name, value in alert_variables(alert).items():
-                async with http.post(f"{base}/channels/{channel_id}/variable",
-                                     params={"variable": name, "value": value}) as response:
-                    if response.status >= 300:
-                        raise AsteriskError(f"ARI set {name}: HTTP {response.status}")

@@ -22,7 +22,7 @@ import structlog
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics
-from plugins.asterisk import AmiTarget, AriTarget
+from plugins.asterisk import AmiTarget
 from plugins.core import AudioFormat, CallBridge, Detector, DetectorGone, SpoofAlert
 
 PLUGIN = "audiosocket"
@@ -55,7 +55,7 @@ def parse_slin_types(spec: str) -> dict[int, int]:
 
 class AudioSocketServer:
     def __init__(
-        self, detector: Detector, *, alerts: AmiTarget | AriTarget | None = None,
+        self, detector: Detector, *, alerts: AmiTarget | None = None,
         slin_types: Mapping[int, int] = DEFAULT_SLIN_TYPES, idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.detector = detector
@@ -130,7 +130,13 @@ class _Call:
             except asyncio.IncompleteReadError as exc:
                 if exc.partial or self.bridge is None:
                     raise
-                raise ConnectionError("closed without a hangup frame") from exc
+                # Asterisk ends every call, normal or not, by closing the socket without a
+                # 0x00 frame: after audio, a clean close (FIN) is a hangup. The summary is
+                # delivered as for an explicit hangup. (A reset raises ConnectionError.)
+                self.log.info("hangup", how="socket closed")
+                await self.bridge.finish()
+                await self.close()
+                return
             if kind == HANGUP:
                 self.log.info("hangup")
                 if self.bridge is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,11 +39,15 @@ DELIVERY_SECONDS = 30.0  # at shutdown: pending alert deliveries (webhook retrie
 @dataclass(frozen=True)
 class AudioFormat:
     """What the platform sends: encoding (a ``pb.AudioEncoding``), rate, and the party on each
-    interleaved channel (one party: MIXED; two: SPLIT, the caller first)."""
+    interleaved channel, the caller first. Each channel is one known party (SPLIT, never
+    diarized: a single-party leg is scored as that party, named ``caller`` or ``agent``)
+    unless ``mixed``: both parties summed into one channel by the platform, which the
+    server diarizes (MIXED)."""
 
     encoding: int
     sample_rate: int
     parties: tuple[str, ...] = ("caller",)
+    mixed: bool = False
 
     @property
     def channels(self) -> int:
@@ -238,7 +242,7 @@ class CallBridge:
         fmt = self.format
         return pb.StreamConfig(
             encoding=fmt.encoding, sample_rate_hz=fmt.sample_rate, channels=fmt.channels,
-            channel_mode=pb.CHANNEL_MODE_SPLIT if fmt.channels > 1 else pb.CHANNEL_MODE_MIXED,
+            channel_mode=pb.CHANNEL_MODE_MIXED if fmt.mixed else pb.CHANNEL_MODE_SPLIT,
             call_id=self.call_id, party_labels=list(fmt.parties),
             alert_threshold=self.detector.alert_threshold, interim_results=False,
         )
@@ -315,18 +319,18 @@ def _webhook(sender: WebhookSender) -> AlertSink:
     return send
 
 
-def parse_hostport(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    """``":9092"``, ``"9092"`` or ``"host:9092"`` -> (host, port)."""
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``":9092"``, ``"9092"`` or ``"host:9092"`` -> (host, port). A bare port binds the
+    loopback interface: a listener reachable from other machines (AudioSocket has no
+    authentication) is something an operator writes out, e.g. ``0.0.0.0:9092``."""
     host, _, port = value.rpartition(":")
     return host or default_host, int(port)
 
 
-def parse_listen_path(value: str, default_host: str = "0.0.0.0") -> tuple[str, int, str]:
+def parse_listen_path(value: str, default_host: str = "127.0.0.1") -> tuple[str, int, str]:
     """``":8080/twilio"`` or ``"host:8080/twilio"`` -> (host, port, "/twilio")."""
     hostport, slash, path = value.partition("/")
     host, port = parse_hostport(hostport, default_host)
     return host, port, "/" + path if slash else "/"
 
 
-def parties_for(channels: int, names: Sequence[str] = ("caller", "agent")) -> tuple[str, ...]:
-    return tuple(names[:channels])

@@ -41,9 +41,10 @@ def parse_metadata(data: dict[str, Any]) -> tuple[str, AudioFormat]:
     if channels not in (1, 2):
         raise ws.WsProtocolError("format", "mixType must be mono, mixed or stereo",
                                  ws.INVALID_PAYLOAD)
-    parties = ("caller", "agent") if channels == 2 else (
-        ("mixed",) if str(mix).lower() == "mixed" else ("caller",))
-    return call_id or uuid.uuid4().hex, AudioFormat(pb.AUDIO_ENCODING_LINEAR16, rate, parties)
+    mixed = channels == 1 and str(mix).lower() == "mixed"
+    parties = ("caller", "agent") if channels == 2 else (("mixed",) if mixed else ("caller",))
+    return call_id or uuid.uuid4().hex, AudioFormat(pb.AUDIO_ENCODING_LINEAR16, rate, parties,
+                                                    mixed=mixed)
 
 
 class AudioFork:

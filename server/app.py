@@ -114,8 +114,9 @@ async def start_server(
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM, then drain."""
-    if config.metrics_port:
-        metrics.serve(config.metrics_port)
+    if config.metrics_listen or config.metrics_port:
+        host, port = metrics.listen_address(config.metrics_listen, config.metrics_port)
+        metrics.serve(port, host)
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

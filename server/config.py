@@ -16,7 +16,8 @@ class ServerConfig:
     queue: str = "inprocess"  # or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     device: str = "cpu"  # in-process inference device: cpu, cuda or auto
-    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_port: int = 0  # 0: no metrics endpoint; bound to 127.0.0.1
+    metrics_listen: str = ""  # HOST:PORT of the metrics endpoint (overrides metrics_port)
     auth_token: str = ""  # empty: no auth
     tls_cert: str = ""
     tls_key: str = ""
@@ -55,7 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--queue", choices=["inprocess", "redis"], default=_env("queue", d.queue))
     p.add_argument("--redis-url", default=_env("redis_url", d.redis_url))
     p.add_argument("--device", default=_env("device", d.device))
-    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", d.metrics_port)))
+    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", d.metrics_port)),
+                   help="Prometheus endpoint on 127.0.0.1:PORT")
+    p.add_argument("--metrics-listen", default=_env("metrics_listen", d.metrics_listen),
+                   help="Prometheus endpoint HOST:PORT (e.g. 0.0.0.0:9100 to expose it)")
     p.add_argument("--auth-token", default=_env("auth_token", d.auth_token))
     p.add_argument("--tls-cert", default=_env("tls_cert", d.tls_cert))
     p.add_argument("--tls-key", default=_env("tls_key", d.tls_key))

@@ -38,7 +38,16 @@ def observe_batch(size: int, seconds: float) -> None:
     INFERENCE_SECONDS.observe(seconds)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> WSGIServer:
+def listen_address(listen: str, port: int = 0) -> tuple[str, int]:
+    """``--metrics-listen HOST:PORT`` wins; a bare ``--metrics-port`` binds loopback only, so
+    metrics are exposed to other machines only when an operator says so."""
+    if listen:
+        host, _, number = listen.rpartition(":")
+        return host or "127.0.0.1", int(number)
+    return "127.0.0.1", port
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> WSGIServer:
     """Start the /metrics HTTP endpoint in a daemon thread; ``shutdown()`` stops it."""
     httpd, _thread = start_http_server(port, addr)
     return httpd

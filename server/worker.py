@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr="127.0.0.1")
     log.info("worker_model_loaded", model=detector.name, version=detector.version,
              device=str(device), redis=_safe_url(config.redis_url))
     asyncio.run(_amain(config, detector))

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
+from tests.paths import missing
+
 if TYPE_CHECKING:
     from server.queue.redis_queue import RedisQueue
 
@@ -62,7 +64,7 @@ def start_redis(port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start a throwaway redis-server; returns the process and its URL."""
     binary = _redis_server_binary()
     if binary is None:
-        pytest.skip("redis-server is not installed and this user cannot apt-get install it "
+        missing("redis-server is not installed and this user cannot apt-get install it "
                     "(install the redis-server package to run the Redis queue tests)")
     port = port or free_port()
     proc = subprocess.Popen(

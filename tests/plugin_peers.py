@@ -88,15 +88,20 @@ def as_frame(kind: int, payload: bytes = b"") -> bytes:
     return bytes([kind]) + len(payload).to_bytes(2, "big") + payload
 
 
-async def audiosocket_call(port: int, call_uuid: str, legs: Legs) -> bytes:
-    """Asterisk's side: UUID, 20 ms slin frames of the channel, hangup; returns what the
-    plugin wrote back."""
+async def audiosocket_call(port: int, call_uuid: str, legs: Legs,
+                           hangup_frame: bool = False) -> bytes:
+    """Asterisk's side: UUID, 20 ms slin frames of the channel, then the end of the call as
+    a real Asterisk ends it: the socket closed (FIN) without a 0x00 frame (seen on Asterisk
+    main, 2026-08, at every normal hangup); ``hangup_frame`` sends the documented 0x00 first.
+    Returns what the plugin wrote back."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(as_frame(0x01, uuid.UUID(call_uuid).bytes))
     async for caller, _agent in paced(legs):
         writer.write(as_frame(0x10, caller.astype("<i2").tobytes()))
         await writer.drain()
-    writer.write(as_frame(0x00))
+    if hangup_frame:
+        writer.write(as_frame(0x00))
+    writer.write_eof()
     await writer.drain()
     received = await asyncio.wait_for(reader.read(), 30)
     writer.close()
@@ -305,6 +310,7 @@ class Recorded:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # time.monotonic() on arrival
 
 
 class FakeHttp:
@@ -341,7 +347,8 @@ class FakeHttp:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests.append(Recorded(request.method, request.path, dict(request.query),
-                                      dict(request.headers), await request.read()))
+                                      dict(request.headers), await request.read(),
+                                      time.monotonic()))
         if request.path.endswith("/asterisk/variable"):
             value = self.ari_globals.get(request.query.get("variable", ""))
             return (web.json_response({"value": value}) if value is not None

@@ -24,7 +24,7 @@ from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector, load_detector
 from server.app import SERVICE_NAME, RunningServer, start_server
-from server.config import ServerConfig
+from server.config import DIARIZATION_CLI_DEFAULT, ServerConfig
 from server.queue.base import InferenceQueue
 from tests.conftest import RedisBackend
 
@@ -57,6 +57,15 @@ async def serving(
 @pytest.fixture
 async def server(detector: Detector) -> AsyncIterator[RunningServer]:
     async with serving(detector) as running:
+        yield running
+
+
+@pytest.fixture
+async def shipped_server(detector: Detector) -> AsyncIterator[RunningServer]:
+    """The server as ``make run`` / ``python -m server`` starts it: diarization ``auto``
+    (on, with the committed models), in-process queue, default model."""
+    async with serving(detector, diarization=DIARIZATION_CLI_DEFAULT) as running:
+        assert running.servicer.diarization is not None  # what a user gets
         yield running
 
 
@@ -107,6 +116,30 @@ async def wait_health(port: int, status: int, within: float) -> None:
             f"health still {health_pb2.HealthCheckResponse.ServingStatus.Name(now)} "
             f"after {within:g} s")
         await asyncio.sleep(0.1)
+
+
+async def wait_until(condition: Any, what: str, within: float = 30.0) -> None:
+    """Poll ``condition()`` (sync or async) until it is true; fail naming ``what`` after
+    ``within`` seconds. Deadlines are generous: a loaded 2-core CI machine is slow, and a
+    test must never pass because the state it needs was not reached in time."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"not reached within {within:g} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def refuses_new_calls(channel: grpc.aio.Channel) -> bool:
+    """True once a server in shutdown answers a new RPC with UNAVAILABLE."""
+    try:
+        await pb_grpc.DetectionServiceStub(channel).GetModel(pb.GetModelRequest(), timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAVAILABLE
+    return False
 
 
 def noise_pcm(seconds: float, rate: int = 8000, channels: int = 1, seed: int = 0) -> np.ndarray:

@@ -11,10 +11,12 @@ import json
 import uuid
 
 import pytest
+from structlog.testing import capture_logs
 
 from plugins.asterisk import mapping_variable
 from plugins.webhook import verify
 from server.app import RunningServer
+from tests.paths import require
 from tests.plugin_peers import (
     AUDIOHOOK_KEY,
     TWILIO_TOKEN,
@@ -35,14 +37,39 @@ from tests.plugin_peers import (
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import SHARED_CALLS
 
-pytestmark = pytest.mark.skipif(not (SHARED_CALLS / "call_dev_03_stereo.flac").is_file(),
-                                reason="../shared/calls not available")
+
+@pytest.fixture(autouse=True)
+def _shared_calls() -> None:
+    require(SHARED_CALLS / "call_dev_03_stereo.flac")
+
+
 CHANNEL = "PJSIP/caller-00000001"
 
 
 async def _four_calls(server: RunningServer, legs: Legs) -> tuple[
         FakeAmi, FakeHttp, list[dict], list[dict], bytes, str]:
     call_uuid, call_sid = str(uuid.uuid4()), "CA" + uuid.uuid4().hex
+    with capture_logs() as logs:
+        result = await _run_four_calls(server, legs, call_uuid, call_sid)
+    # Every call ended normally (AudioSocket as Asterisk ends it: socket closed, no 0x00):
+    # a hangup with its summary, never a lost connection or a protocol error.
+    assert not [e for e in logs if e["event"] in ("connection lost", "protocol error",
+                                                 "call aborted", "detector error")]
+    closed = [e for e in logs if e["event"] == "call closed"]
+    assert sorted(e["plugin"] for e in closed) == [
+        "audiohook", "audiosocket", "freeswitch", "twilio"]
+    # Known bug, left open: the FreeSWITCH handler is cancelled by aiohttp while it waits for
+    # the last verdicts after the fork socket closes, so its summary is lost (issue 10).
+    assert all(e["verdicts"] for e in closed if e["plugin"] != "freeswitch"), [
+        (e["plugin"], e["verdicts"]) for e in closed]
+    assert {"event": "hangup", "how": "socket closed"}.items() <= next(
+        e for e in logs if e["event"] == "hangup").items()
+    return result
+
+
+async def _run_four_calls(server: RunningServer, legs: Legs, call_uuid: str,
+                          call_sid: str) -> tuple[
+        FakeAmi, FakeHttp, list[dict], list[dict], bytes, str]:
     async with back_ends() as (ami, http), plugin_stack(server.port, ami, http) as running:
         ami.globals[mapping_variable(call_uuid)] = CHANNEL
         audiosocket_back, _twilio, fork_frames, hook_messages = await asyncio.gather(
@@ -56,9 +83,12 @@ async def _four_calls(server: RunningServer, legs: Legs) -> tuple[
     return ami, http, fork_frames, hook_messages, audiosocket_back, call_sid
 
 
-async def test_spoofed_caller_alerts_through_every_back_channel(server: RunningServer) -> None:
+async def test_spoofed_caller_alerts_through_every_back_channel(
+        shipped_server: RunningServer) -> None:
+    """Against the shipped server (diarization on): each platform's caller-only leg is
+    scored as the party ``caller``, never as a diarization label."""
     ami, http, fork_frames, hook_messages, audiosocket_back, call_sid = await _four_calls(
-        server, spoof_legs())
+        shipped_server, spoof_legs())
     # Asterisk: SPOOF_* set on the channel the dialplan published for the AudioSocket UUID
     setvars = {a["Variable"]: a for a in ami.setvars()}
     assert set(setvars) == {"SPOOF_VERDICT", "SPOOF_SCORE", "SPOOF_SPEAKER"}
@@ -87,9 +117,9 @@ async def test_spoofed_caller_alerts_through_every_back_channel(server: RunningS
                for h in hooks)
 
 
-async def test_bonafide_call_alerts_nowhere(server: RunningServer) -> None:
+async def test_bonafide_call_alerts_nowhere(shipped_server: RunningServer) -> None:
     ami, http, fork_frames, hook_messages, _back, _sid = await _four_calls(
-        server, bonafide_legs())
+        shipped_server, bonafide_legs())
     assert ami.setvars() == []
     assert http.requests == []  # no Twilio call update, no webhook
     assert [f for f in fork_frames if f.get("type") == "spoof_alert"] == []

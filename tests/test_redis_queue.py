@@ -20,6 +20,7 @@ from server.batching import score_jobs
 from server.queue.base import QueueUnavailable, WindowJob, WindowScore
 from server.queue.redis_queue import GROUP, RedisQueue
 from tests.conftest import free_port, start_redis, start_worker, stop_process, wait_ready
+from tests.service_fixtures import wait_until
 
 SR = 8000
 
@@ -66,26 +67,32 @@ async def queue(redis_server: str, prefix: str) -> AsyncIterator[RedisQueue]:
 
 async def test_unhealthy_without_worker_and_payloads_expire(redis_server: str) -> None:
     q = RedisQueue(redis_server, "default", prefix=f"t{uuid.uuid4().hex[:8]}",
-                   job_timeout=1.5, audio_ttl=1)
+                   job_timeout=1.5, audio_ttl=2)
     await q.start()
     client = aioredis.Redis.from_url(redis_server)
     try:
         assert await q.healthy() is False
         task = asyncio.create_task(q.submit(jobs(1)[0]))
         pattern = f"{q.keys.prefix}:audio:*"
-        deadline = time.monotonic() + 1
         keys: list[bytes] = []
-        while not keys and time.monotonic() < deadline:
-            keys = [k async for k in client.scan_iter(match=pattern)]
-            await asyncio.sleep(0.01)
+
+        async def payload_stored() -> bool:
+            keys[:] = [k async for k in client.scan_iter(match=pattern)]
+            return bool(keys)
+
+        await wait_until(payload_stored, "the job's audio stored", within=10)
         assert len(keys) == 1
-        assert 0 < await client.ttl(keys[0]) <= 1
+        # PTTL in ms: TTL rounds to whole seconds, which made "0 < TTL" fail when slow.
+        assert 0 < await client.pttl(keys[0]) <= 2000
         assert q.depth() == 1
         with pytest.raises(QueueUnavailable, match="not scored within"):
             await task  # nobody scores it: a clean error, not a hang
         assert q.depth() == 0
-        await asyncio.sleep(0.3)  # 1.5 s after the SET: past its 1 s TTL
-        assert await client.exists(keys[0]) == 0
+
+        async def expired() -> bool:
+            return await client.exists(keys[0]) == 0
+
+        await wait_until(expired, "the audio payload expired", within=10)
     finally:
         await client.aclose()
         await q.close()
@@ -192,9 +199,13 @@ async def test_sigterm_finishes_the_batch_in_hand(
             await asyncio.sleep(0.002)
         worker.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(worker.wait, 30) == 0
-        await asyncio.sleep(0.2)  # let the reader deliver the last results
-        answered = [t for t in submitted if t.done() and not t.exception()]
-        assert len(answered) >= len(held)
+
+        def answered() -> list[asyncio.Task]:
+            return [t for t in submitted if t.done() and not t.exception()]
+
+        # The worker published every held job's result before exiting; the reader
+        # delivers them shortly after.
+        await wait_until(lambda: len(answered()) >= len(held), "held jobs answered", 10)
         assert (await client.xpending(queue.keys.jobs, GROUP))["pending"] == 0
         assert await queue.healthy() is False
     finally:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from callshield.v1 import detection_pb2 as pb
 from client import AsyncDetectionClient, verdict_name
 from server.app import RunningServer
+from tests.paths import require
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import EXAMPLES, SHARED_CALLS
 
@@ -41,11 +41,11 @@ async def test_spoofed_party_is_flagged_in_split_mode(backend_server: RunningSer
     ("spoof_call_stereo.wav", "call_dev_03_stereo.flac"),
 ])
 def test_examples_are_cut_from_the_shared_calls(example: str, source: str) -> None:
-    if not (SHARED_CALLS / source).is_file():
-        pytest.skip(f"{SHARED_CALLS} not available")
+    require(SHARED_CALLS / source)
     cut, rate = soundfile.read(EXAMPLES / example, dtype="int16", always_2d=True)
     full, full_rate = soundfile.read(SHARED_CALLS / source, dtype="int16", always_2d=True)
     assert rate == full_rate == 8000 and cut.shape[0] == 30 * rate
     np.testing.assert_array_equal(cut, full[: cut.shape[0]])
     assert (EXAMPLES / example).stat().st_size < 1_000_000
-    assert pb.AUDIO_ENCODING_LINEAR16  # the examples are what `client stream` sends as LINEAR16
+    # 16-bit PCM: what `client stream` sends as LINEAR16 without conversion.
+    assert soundfile.info(EXAMPLES / example).subtype == "PCM_16"

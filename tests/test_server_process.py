@@ -21,14 +21,17 @@ from server.config import parse_args
 from server.queue.base import WindowJob, WindowScore
 from server.queue.inprocess import InProcessQueue
 from server.session import Session
+from tests.paths import missing
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
     ROOT,
     linear16_chunks,
     noise_pcm,
+    refuses_new_calls,
     requests,
     serving,
     stream_config,
+    wait_until,
 )
 
 
@@ -46,9 +49,12 @@ class GatedQueue(InProcessQueue):
     def __init__(self, detector: Detector) -> None:
         super().__init__(detector)
         self.gate = asyncio.Event()
+        self.waiting = 0
 
     async def submit(self, job: WindowJob) -> WindowScore:
+        self.waiting += 1
         await self.gate.wait()
+        self.waiting -= 1
         return await super().submit(job)
 
 
@@ -59,7 +65,8 @@ async def test_fast_client_is_slowed_not_dropped(detector: Detector) -> None:
             stub = pb_grpc.DetectionServiceStub(channel)
             reqs = requests(stream_config(), linear16_chunks(noise_pcm(60.0), seconds=0.5))
             call = stub.StreamDetect(iter(reqs))
-            await asyncio.sleep(1.0)
+            await wait_until(lambda: queue.waiting == 2, "two windows held at the gate")
+            await asyncio.sleep(0.5)  # time for a server that ignores the limit to read on
             (session,) = running.servicer.sessions.values()
             assert isinstance(session, Session)
             read = session.windowers["A"].total / 8000
@@ -87,15 +94,15 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
     if not any((Path(p) / "openssl").exists() for p in os.environ["PATH"].split(os.pathsep)):
-        pytest.skip("openssl not installed")
+        missing("openssl is not installed")
     cert, key = _self_signed(tmp_path)
     port = _free_port()
     env = os.environ | {
         "PYANNOTE_METRICS_ENABLED": "false", "CALLSHIELD_LISTEN": f"127.0.0.1:{port}",
         "CALLSHIELD_AUTH_TOKEN": "t0k", "CALLSHIELD_TLS_CERT": str(cert),
         "CALLSHIELD_TLS_KEY": str(key),
-        # A noise-only MIXED stream: with diarization on, nobody speaks and no window comes.
-        "CALLSHIELD_DIARIZATION": "off",
+        # The shipped defaults otherwise (diarization auto); the stream below is a SPLIT
+        # single-party leg, which is never diarized.
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", cwd=ROOT, env=env,
@@ -109,13 +116,16 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
             model = await stub.GetModel(pb.GetModelRequest(), metadata=metadata)
             assert model.sample_rate_hz == 8000
             call = stub.StreamDetect(metadata=metadata)
-            await call.write(pb.StreamDetectRequest(config=stream_config()))
+            await call.write(pb.StreamDetectRequest(config=stream_config(
+                channel_mode=pb.CHANNEL_MODE_SPLIT, party_labels=["caller"])))
             (chunk,) = linear16_chunks(noise_pcm(1.5), seconds=1.5)
             await call.write(pb.StreamDetectRequest(audio=chunk))
             # The stream is open on the server once its first window comes back.
             responses = [await asyncio.wait_for(call.read(), 60)]
             proc.send_signal(signal.SIGTERM)  # drains: the open stream still completes
-            await asyncio.sleep(0.3)
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as probe:
+                await wait_until(lambda: refuses_new_calls(probe), "SIGTERM refusing new calls")
+            assert proc.returncode is None
             await call.done_writing()
             while (response := await call.read()) != grpc.aio.EOF:
                 responses.append(response)

@@ -97,18 +97,25 @@ class ASVspoofSplit:
         return read_protocol(self.protocol_path)
 
 
+def leave_out(trials: Sequence[Trial], systems: Sequence[str]) -> list[Trial]:
+    """``trials`` without the spoofs of ``systems`` (a leave-one-system-out training set)."""
+    out = set(systems)
+    return [t for t in trials if t.system not in out]
+
+
 class TrialDataset(Dataset):
     """Waveforms of a list of trials at the model's rate, fitted to ``num_samples``.
 
     Training takes a random crop (plus augmentation); evaluation takes the first
     ``num_samples`` (repeat-padded), as the official recipes do. ``num_samples=None``
-    returns whole utterances for variable-length scoring.
+    returns whole utterances for variable-length scoring. ``audio_dir`` is one folder, or
+    one folder per trial (corpus items mixed with vocoded ones).
     """
 
     def __init__(
         self,
         trials: Sequence[Trial],
-        audio_dir: str | Path,
+        audio_dir: str | Path | Sequence[str | Path],
         sample_rate: int,
         num_samples: int | None,
         train: bool = False,
@@ -117,7 +124,12 @@ class TrialDataset(Dataset):
         cache: bool = True,
     ) -> None:
         self.trials = list(trials)
-        self.audio_dir = Path(audio_dir)
+        if isinstance(audio_dir, str | Path):
+            self.audio_dirs = [Path(audio_dir)] * len(self.trials)
+        else:
+            self.audio_dirs = [Path(d) for d in audio_dir]
+            if len(self.audio_dirs) != len(self.trials):
+                raise ValueError("one audio folder per trial, or one for all")
         self.sample_rate = sample_rate
         self.num_samples = num_samples
         self.train = train
@@ -133,7 +145,7 @@ class TrialDataset(Dataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         trial = self.trials[index]
-        wave = load_audio(audio_path(self.audio_dir, trial.utt_id), self.sample_rate)
+        wave = load_audio(audio_path(self.audio_dirs[index], trial.utt_id), self.sample_rate)
         if self._cache is not None:
             self._cache[index] = wave
         return wave

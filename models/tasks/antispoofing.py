@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.data.asvspoof import ASVspoofSplit, Trial, TrialDataset
-from models.inference import build_model, fit_calibration, save_checkpoint
+from models.data.asvspoof import ASVspoofSplit, Trial, TrialDataset, leave_out, read_protocol
+from models.inference import build_model, fit_calibration, resolve_device, save_checkpoint
 from models.metrics import compute_eer
-from models.tasks.config import TrainConfig
+from models.tasks.config import TrainConfig, repo_path
 
 
 @dataclass
@@ -55,6 +55,24 @@ def subset(trials: list[Trial], limit: int | None, seed: int) -> list[Trial]:
         return trials
     keep = np.sort(np.random.default_rng(seed).choice(len(trials), limit, replace=False))
     return [trials[i] for i in keep]
+
+
+def training_items(config: TrainConfig) -> tuple[list[Trial], list[Path]]:
+    """The training trials and each one's audio folder: the corpus train split (a seeded
+    ``data.limit`` subset), then ``data.extra`` protocols, less ``data.exclude_systems``."""
+    split = ASVspoofSplit(config.data.root_path, "train")
+    trials = subset(split.trials(), config.data.limit, 1)
+    dirs = [split.audio_dir] * len(trials)
+    for extra in config.data.extra:
+        more = read_protocol(repo_path(extra["protocol"]))
+        if config.data.limit is not None:  # keep the corpus/extra proportion of a full run
+            share = config.data.limit / len(split.trials())
+            more = subset(more, max(1, int(round(share * len(more)))), 3)
+        trials += more
+        dirs += [repo_path(extra["audio_dir"])] * len(more)
+    keep = {id(t) for t in leave_out(trials, config.data.exclude_systems)}
+    pairs = [(t, d) for t, d in zip(trials, dirs, strict=True) if id(t) in keep]
+    return [t for t, _ in pairs], [d for _, d in pairs]
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -94,10 +112,11 @@ def eer_by_system(scores: np.ndarray, labels: np.ndarray, systems: list[str]) ->
 def score_dataset(model: torch.nn.Module, dataset: TrialDataset, batch_size: int) -> np.ndarray:
     """Bona fide log-odds (``logit[1] - logit[0]``) of every trial, in order."""
     model.eval()
+    device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     out = []
     for x, _ in loader:
-        logits = model(x)
+        logits = model(x.to(device)).float().cpu()
         out.append((logits[:, 1] - logits[:, 0]).numpy())
     return np.concatenate(out).astype(np.float64)
 
@@ -115,14 +134,15 @@ def train(
     torch.set_num_threads(config.optim.threads)
     seed_everything(config.optim.seed)
 
-    model = build_model(config.architecture, config.model)
+    device = resolve_device(config.optim.device)
+    model = build_model(config.architecture, config.model).to(device)
     sample_rate = int(config.model.get("sample_rate", 16000))
     window = int(round(config.data.window_seconds * sample_rate))
     root = config.data.root_path
-    train_trials = subset(ASVspoofSplit(root, "train").trials(), config.data.limit, 1)
+    train_trials, train_dirs = training_items(config)
     dev_trials = subset(ASVspoofSplit(root, "dev").trials(), config.data.dev_limit, 2)
     train_set = TrialDataset(
-        train_trials, ASVspoofSplit(root, "train").audio_dir, sample_rate, window,
+        train_trials, train_dirs, sample_rate, window,
         train=True, augment=_augmenter(config, sample_rate), seed=config.optim.seed,
     ).preload()
     dev_set = TrialDataset(
@@ -134,12 +154,12 @@ def train(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
-    class_weight = torch.tensor([1.0, config.optim.bonafide_weight])
+    class_weight = torch.tensor([1.0, config.optim.bonafide_weight], device=device)
     result = TrainResult(run_dir)
     start_epoch = 0
     last_path = run_dir / "last.pt"
     if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -168,6 +188,7 @@ def train(
                 length = int(crop_rng.integers(min_crop, window + 1))
                 offset = int(crop_rng.integers(0, window - length + 1))
                 x = x[:, offset : offset + length]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y, weight=class_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -184,7 +205,7 @@ def train(
         if progress:
             print(f"epoch {epoch + 1}: loss {record.train_loss:.4f} "
                   f"dev EER {100 * record.dev_eer:.2f}% ({record.seconds:.0f} s)", flush=True)
-        if record.dev_eer < result.best_dev_eer:
+        if config.optim.select == "last" or record.dev_eer < result.best_dev_eer:
             result.best_epoch, result.best_dev_eer = epoch, record.dev_eer
             # The dev scores travel with the weights: export calibrates on them unchanged.
             torch.save({"model": model.state_dict(), "epoch": epoch,
@@ -207,7 +228,7 @@ def machine_description(threads: int) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
             "cpu_count": os.cpu_count(), "torch_threads": threads,
             "torch": str(torch.__version__),
-            "device": "cpu"}
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def export(
@@ -221,6 +242,7 @@ def export(
 ) -> Path:
     """Write the best epoch's weights as a callshield checkpoint, calibrated on dev."""
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model = model.cpu()
     model.load_state_dict(best["model"])
     if "dev_scores" in best and len(best["dev_scores"]) == len(dev_set):
         scores = best["dev_scores"].numpy()

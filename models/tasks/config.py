@@ -20,13 +20,23 @@ class DataConfig:
     min_crop_seconds: float = 1.0
     short_crop_probability: float = 0.5
     limit: int | None = None  # first N training trials (smoke runs)
+    # Extra spoof/bona fide training items, e.g. vocoded bona fide from `python -m models
+    # vocode`: each entry {protocol: PATH, audio_dir: PATH}, paths relative to the repo.
+    extra: list[dict[str, str]] = field(default_factory=list)
+    # Spoofing systems left out of training: leave-one-system-out folds (bench/generalization).
+    exclude_systems: list[str] = field(default_factory=list)
     dev_limit: int | None = None
     num_workers: int = 1
 
     @property
     def root_path(self) -> Path:
-        root = Path(self.root)
-        return root if root.is_absolute() else (REPO_ROOT / root).resolve()
+        return repo_path(self.root)
+
+
+def repo_path(path: str | Path) -> Path:
+    """Config paths are relative to the repository root, wherever the command runs."""
+    path = Path(path)
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
 
 
 @dataclass
@@ -39,6 +49,11 @@ class OptimConfig:
     bonafide_weight: float = 9.0  # official recipes: CE weights [0.1, 0.9]
     seed: int = 0
     threads: int = 2
+    # "dev": export the epoch with the best dev EER; "last": the last epoch. Dev shares its
+    # engines with train, so dev EER rewards fitting those engines: recipes chosen on
+    # leave-one-system-out scores fix their epoch count and export the last one.
+    select: str = "dev"
+    device: str = "cpu"  # cpu, cuda or auto (make train-gpu)
 
 
 @dataclass
@@ -66,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         data = DataConfig(**(raw.pop("data", None) or {}))
         optim = OptimConfig(**(raw.pop("optim", None) or {}))
+        if optim.select not in ("dev", "last"):
+            raise ValueError(f"optim.select must be dev or last: {optim.select}")
         if optim.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.lr_schedule must be constant or cosine: {optim.lr_schedule}")
         return cls(data=data, optim=optim, **raw)

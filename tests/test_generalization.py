@@ -1,0 +1,190 @@
+"""Generalization tooling: vocoded spoof data, the frozen encoders (offline), LOSO folds."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from models.data.asvspoof import ASVspoofSplit, read_protocol
+from models.data.audio import load_audio
+from models.tasks.antispoofing import training_items
+from models.tasks.config import TrainConfig
+from models.tasks.loso import FoldScores, fold_eval_trials, report
+from tests.paths import CORPUS, require
+
+WHISPER_TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test: weights load from the
+    installed packages only."""
+
+    def refuse(self: socket.socket, address: object) -> None:
+        raise AssertionError(f"network access attempted: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _two_bonafide(tmp_path: Path) -> tuple[Path, Path]:
+    """A protocol with one digit and one sentence of the corpus' bona fide train audio."""
+    split = ASVspoofSplit(require(CORPUS), "train")
+    bona = [t for t in split.trials() if t.is_bonafide]
+    digit = next(t for t in bona if t.speaker.startswith("FS_"))
+    sentence = next(t for t in bona if t.speaker.startswith("LS_"))
+    spoof = next(t for t in split.trials() if not t.is_bonafide)
+    protocol = tmp_path / "protocol.txt"
+    protocol.write_text("".join(
+        f"{t.speaker} {t.utt_id} - {t.system} {'bonafide' if t.is_bonafide else 'spoof'}\n"
+        for t in (digit, spoof, sentence)))
+    return protocol, split.audio_dir
+
+
+def test_vocoding_a_real_clip(tmp_path: Path, no_network: None, one_thread: None) -> None:
+    from models.data.vocode import vocode
+
+    protocol, audio_dir = _two_bonafide(tmp_path)
+    from models.data.vocode import sources_from_protocol
+
+    sources = sources_from_protocol(protocol, audio_dir)
+    assert len(sources) == 2  # the spoof line is not vocoded
+    first = vocode(sources, tmp_path / "a", ["hifigan-universal", "hifigan-lj"])
+    again = vocode(sources, tmp_path / "b", ["hifigan-universal", "hifigan-lj"])
+    lines = first.read_text().splitlines()
+    assert lines == again.read_text().splitlines()
+    assert [line.split()[3] for line in lines] == ["V01", "V01", "V02", "V02"]
+    trials = read_protocol(first)  # the protocol parses as an ASVspoof one: spoof lines
+    assert all(not t.is_bonafide for t in trials)
+    for source, trial in zip(sources * 2, trials, strict=True):
+        assert trial.speaker == source.speaker and trial.utt_id.startswith(source.utt_id)
+        out, rate = sf.read(tmp_path / "a" / "flac" / f"{trial.utt_id}.flac", dtype="float32")
+        twin, _ = sf.read(tmp_path / "b" / "flac" / f"{trial.utt_id}.flac", dtype="float32")
+        original = load_audio(source.path, 8000)
+        assert rate == 8000 and out.shape == original.shape
+        np.testing.assert_array_equal(out, twin)  # deterministic
+        # Same level as the source, but a different waveform whose spectrum follows it.
+        level = np.sqrt(np.mean(out**2)) / np.sqrt(np.mean(original**2))
+        assert 0.8 < level < 1.25
+        assert not np.allclose(out, original, atol=1e-3)
+        from scipy import signal
+
+        spec = [np.log(np.abs(signal.stft(w, 8000, nperseg=256)[2]) + 1e-5).ravel()
+                for w in (out, original)]
+        assert np.corrcoef(*spec)[0, 1] > 0.7
+
+
+def test_vocode_cli_resumes_and_rejects_bad_input(tmp_path: Path) -> None:
+    from models.cli import main
+
+    protocol, audio_dir = _two_bonafide(tmp_path)
+    out = tmp_path / "v"
+    assert main(["vocode", "--protocol", str(protocol), "--audio-dir", str(audio_dir),
+                 "--out", str(out), "--limit", "1", "--threads", "1", "--quiet"]) == 0
+    written = sorted((out / "flac").iterdir())
+    assert len(written) == 1
+    stamp = written[0].stat().st_mtime_ns
+    assert main(["vocode", "--protocol", str(protocol), "--audio-dir", str(audio_dir),
+                 "--out", str(out), "--limit", "1", "--quiet"]) == 0
+    assert written[0].stat().st_mtime_ns == stamp  # kept, not redone
+    assert main(["vocode", "--protocol", str(protocol), "--out", str(out)]) == 2
+    assert main(["vocode", "--input-dir", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_whisper_encoder_loads_offline_from_its_package(no_network: None) -> None:
+    from models.architectures.whisper import WhisperEncoder, whisper_model_dir
+
+    model_bin = whisper_model_dir() / "model.bin"
+    assert hashlib.sha256(model_bin.read_bytes()).hexdigest() == WHISPER_TINY_EN_SHA256
+    encoder = WhisperEncoder(threads=1)
+    assert not encoder.model.is_multilingual  # tiny.en
+    split = ASVspoofSplit(require(CORPUS), "dev")
+    wave = load_audio(split.audio_dir / f"{split.trials()[0].utt_id}.flac", 8000)
+    window = np.resize(wave, 16000)[None]
+    hidden = encoder.encode(window, 8000)
+    assert hidden.shape == (1, 100, 384)  # 2 s at 16 kHz: 200 mel frames, stride 2
+    emb = encoder.embed(np.concatenate([window, 0.5 * window]), 8000)
+    assert emb.shape == (2, 768) and np.isfinite(emb).all()
+    assert np.abs(emb[0] - emb[1]).max() > 1e-3  # level reaches the log-mel
+
+
+def test_ge2e_encoder_loads_offline_from_its_package(no_network: None) -> None:
+    from diarization.embedding import ResemblyzerEmbedding
+
+    model = ResemblyzerEmbedding().eval()
+    with torch.inference_mode():
+        out = model(0.1 * torch.randn(1, 1, 32000))
+    assert out.shape == (1, 256) and torch.isfinite(out).all()
+
+
+def test_loso_fold_never_trains_on_the_held_out_engine(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.txt"
+    extra.write_text("LS_1 LA_T_X_V01 - V01 spoof\nLS_2 LA_T_Y_V01 - V01 spoof\n")
+    config = TrainConfig.from_dict({
+        "name": "t", "architecture": "rawnet2", "model": {},
+        "data": {"root": str(require(CORPUS)), "exclude_systems": ["T04"],
+                 "extra": [{"protocol": str(extra), "audio_dir": str(tmp_path)}]},
+    })
+    trials, dirs = training_items(config)
+    systems = {t.system for t in trials}
+    assert "T04" not in systems and {"-", "T01", "T06", "V01"} <= systems
+    assert dirs[-1] == tmp_path and dirs[0] == ASVspoofSplit(CORPUS, "train").audio_dir
+    corpus_count = len(ASVspoofSplit(CORPUS, "train").trials())
+    assert len(trials) == corpus_count - 501 + 2
+    dev = ASVspoofSplit(CORPUS, "dev").trials()
+    test = fold_eval_trials(dev, "T04")
+    assert {t.system for t in test} == {"-", "T04"}
+    assert sum(t.is_bonafide for t in test) == sum(t.is_bonafide for t in dev)
+
+
+def test_loso_report_pools_folds_and_counts_false_alarms() -> None:
+    rng = np.random.default_rng(0)
+    folds = []
+    for system, shift in (("T01", 6.0), ("T02", 0.0)):  # T02 at chance
+        bona, spoof = rng.normal(2, 1, 200), rng.normal(2 - shift, 1, 100)
+        ids = [f"b{i}" for i in range(200)] + [f"{system}{i}" for i in range(100)]
+        folds.append(FoldScores(system, ids, [1] * 200 + [0] * 100,
+                                [*bona.tolist(), *spoof.tolist()]))
+    durations = {f"b{i}": 0.5 if i < 100 else 3.0 for i in range(200)}
+    result = report("synthetic", folds, durations, prior=0.5)
+    assert result.per_engine["T01"] < 0.01 and 0.35 < result.per_engine["T02"] < 0.65
+    assert result.per_engine["T01"] < result.pooled_eer < result.per_engine["T02"]
+    assert result.misses["T01"] < 0.05 and result.misses["T02"] > 0.3
+    assert set(result.false_alarms) == {"digits", "sentences", "all"}
+    assert 0.0 <= result.false_alarms["digits"] <= 1.0
+
+
+def test_fused_checkpoint_scores_as_its_weighted_parts(tmp_path: Path) -> None:
+    from models.architectures.fusion import fusion_state
+    from models.inference import NAMED_MODELS, load_detector, save_checkpoint
+
+    parts = [torch.load(NAMED_MODELS[name], map_location="cpu", weights_only=True)
+             for name in ("default", "lfcc-gmm")]
+    split = ASVspoofSplit(require(CORPUS), "dev")
+    waves = [np.resize(load_audio(split.audio_dir / f"{t.utt_id}.flac", 8000), 32000)
+             for t in split.trials()[:3]]
+    singles = [load_detector(name).scores(waves) for name in ("default", "lfcc-gmm")]
+    for weight in ([1.0, 0.0], [0.0, 1.0], [0.5, -2.0]):
+        path = tmp_path / "fused.pt"
+        save_checkpoint(path, architecture="fusion", name="f", version="1", sample_rate=8000,
+                        window_seconds=4.0, state_dict=fusion_state(parts, {
+                            "mean": [1.0, -1.0], "scale": [2.0, 4.0], "weight": weight,
+                            "bias": 0.25}))
+        fused = load_detector(path)
+        expected = (weight[0] * (singles[0] - 1.0) / 2.0 + weight[1] * (singles[1] + 1.0) / 4.0
+                    + 0.25)
+        np.testing.assert_allclose(fused.scores(waves), expected, rtol=1e-6, atol=1e-6)
