@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("score", help="write 'UTT_ID SCORE' per protocol line")
-    p.add_argument("--model", default="default", help="default, fusion, rawnet2-voc, lfcc-gmm, aasist-l or a path")
+    p.add_argument("--model", default="default",
+                   help="default, fusion, rawnet2-voc, lfcc-gmm, aasist-l or a path")
     p.add_argument("--protocol", required=True)
     p.add_argument("--audio-dir", required=True)
     p.add_argument("--out", required=True)
