@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the server need: redis-server (tests start their own on a
-# free port) and ffmpeg (torchcodec, used by pyannote.audio, links against its libraries).
+# free port), ffmpeg (torchcodec, used by pyannote.audio, links against its libraries) and
+# openssl (the TLS test makes a self-signed certificate; under CI a missing tool fails it).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
