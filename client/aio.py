@@ -56,14 +56,26 @@ class AsyncDetectionClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def wait_ready(self, seconds: float) -> bool:
+        """Whether the channel connects within ``seconds``: a long-lived client (a
+        telephony plugin) waits out a detector restart this long instead of failing."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     async def stream(
-        self, config: pb.StreamConfig, audio: AsyncIterable[bytes] | Iterable[bytes]
+        self, config: pb.StreamConfig, audio: AsyncIterable[bytes] | Iterable[bytes],
+        *, wait_for_ready: bool = False,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
         """Send ``config`` then each audio chunk; yield responses as they come.
 
         Raises :class:`grpc.aio.AioRpcError` with the server's status on failure; leaving
         the loop early cancels the call, which frees the stream on the server at once.
-        Bound it with ``asyncio.timeout`` where needed.
+        Bound it with ``asyncio.timeout`` where needed. With ``wait_for_ready`` a server
+        that is restarting is waited for instead of failing the call at once with
+        UNAVAILABLE.
         """
 
         async def requests() -> AsyncIterator[pb.StreamDetectRequest]:
@@ -75,7 +87,8 @@ class AsyncDetectionClient:
                 for chunk in audio:
                     yield pb.StreamDetectRequest(audio=chunk)
 
-        call = self._stub.StreamDetect(requests(), metadata=self.connection.metadata())
+        call = self._stub.StreamDetect(requests(), metadata=self.connection.metadata(),
+                                       wait_for_ready=wait_for_ready)
         try:
             async for response in call:
                 yield response

@@ -8,6 +8,9 @@ from pathlib import Path
 import grpc
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect sends whole recordings
+# gRPC's default reconnect backoff grows to 120 s: a detector restarted after a minute would
+# stay unreachable to a long-lived client (a telephony plugin) for up to two more minutes.
+MAX_RECONNECT_BACKOFF_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -29,4 +32,6 @@ class Connection:
     @property
     def options(self) -> list[tuple[str, int]]:
         return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", 1000),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]

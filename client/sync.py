@@ -49,11 +49,14 @@ class DetectionClient:
         self._channel.close()
 
     def stream(
-        self, config: pb.StreamConfig, audio: Iterable[bytes], timeout: float | None = None
+        self, config: pb.StreamConfig, audio: Iterable[bytes], timeout: float | None = None,
+        *, wait_for_ready: bool = False,
     ) -> Iterator[pb.StreamDetectResponse]:
         """Send ``config`` then each audio chunk; yield responses as they come.
 
-        Raises :class:`grpc.RpcError` with the server's status on failure.
+        Raises :class:`grpc.RpcError` with the server's status on failure. With
+        ``wait_for_ready`` a server that is restarting is waited for (bound it with
+        ``timeout``) instead of failing the call at once with UNAVAILABLE.
         """
 
         def requests() -> Iterator[pb.StreamDetectRequest]:
@@ -62,7 +65,8 @@ class DetectionClient:
                 yield pb.StreamDetectRequest(audio=chunk)
 
         yield from self._stub.StreamDetect(
-            requests(), metadata=self.connection.metadata(), timeout=timeout)
+            requests(), metadata=self.connection.metadata(), timeout=timeout,
+            wait_for_ready=wait_for_ready)
 
     def stream_file(
         self, path: str | Path, *, split: bool = False, realtime: bool = False,

@@ -17,7 +17,7 @@ import structlog
 from plugins.app import PluginSettings, start_plugins
 from plugins.asterisk import AmiTarget
 from plugins.audiosocket import parse_slin_types
-from plugins.core import Detector, parse_hostport
+from plugins.core import DetectorLink, parse_hostport
 from plugins.twilio import TwilioSettings
 from plugins.webhook import WebhookSender
 from server import logs
@@ -43,12 +43,16 @@ def parser() -> argparse.ArgumentParser:
         "ami_username": "", "ami_secret": "",
         "slin_types": "extra AudioSocket slin types, e.g. 0x11=16000 (0x10=8000 always)",
         "twilio_auth_token": "checks X-Twilio-Signature and authenticates the call update",
-        "twilio_public_url": "the wss:// base URL Twilio connects to (for the signature)",
+        "twilio_public_url": "the <Stream url> of your TwiML, exactly, e.g. "
+                             "wss://calls.example.com/twilio (what Twilio signs)",
+        "twilio_signing_key": "secret of HMAC-SHA256 signatures (default: the auth token)",
         "twilio_api_base": "Twilio REST API base URL",
         "twilio_account_sid": "default: the stream's accountSid",
         "twilio_alert_url": "call update Url on an alert ($speaker, $score, $call_sid)",
         "twilio_alert_twiml": "call update Twiml on an alert (instead of a URL)",
         "audiohook_api_key": "required X-API-KEY of AudioHook connections",
+        "audiohook_client_secret": "the integration's client secret (base64): requires "
+                                   "signed AudioHook requests",
         "webhook_secret": "HMAC-SHA256 key of X-Callshield-Signature",
         "log_level": "",
     }
@@ -62,31 +66,37 @@ def parser() -> argparse.ArgumentParser:
                    help="alert webhook URL (repeatable)")
     s.add_argument("--alert-threshold", type=float,
                    default=float(_env("alert_threshold", "0") or 0))
+    s.add_argument("--twilio-trust-proxy", action="store_true",
+                   default=_env("twilio_trust_proxy").lower() in ("1", "true", "yes"),
+                   help="rebuild the signed URL from X-Forwarded-Host/-Proto (behind your "
+                   "own proxy only: clients can set them)")
     s.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", "0") or 0))
     return p
 
 
-def settings_from(args: argparse.Namespace) -> tuple[PluginSettings, Detector]:
+def settings_from(args: argparse.Namespace) -> tuple[PluginSettings, DetectorLink]:
     alerts: AmiTarget | None = None
     if args.ami:
         host, port = parse_hostport(args.ami, "127.0.0.1")
         alerts = AmiTarget(host, port, args.ami_username, args.ami_secret)
     twilio = TwilioSettings(
         auth_token=args.twilio_auth_token, public_url=args.twilio_public_url,
+        signing_key=args.twilio_signing_key, trust_proxy=args.twilio_trust_proxy,
         api_base=args.twilio_api_base, account_sid=args.twilio_account_sid,
         alert_url=args.twilio_alert_url, alert_twiml=args.twilio_alert_twiml)
     settings = PluginSettings(
         audiosocket=args.audiosocket, twilio=args.twilio, freeswitch=args.freeswitch,
         audiohook=args.audiohook, asterisk_alerts=alerts,
         slin_types=parse_slin_types(args.slin_types), twilio_settings=twilio,
-        audiohook_api_key=args.audiohook_api_key)
+        audiohook_api_key=args.audiohook_api_key,
+        audiohook_client_secret=args.audiohook_client_secret)
     webhook = WebhookSender(args.webhook, args.webhook_secret) if args.webhook else None
-    detector = Detector(args.detector, token=args.detector_token or None,
+    detector = DetectorLink(args.detector, token=args.detector_token or None,
                         alert_threshold=args.alert_threshold, webhook=webhook)
     return settings, detector
 
 
-async def serve(settings: PluginSettings, detector: Detector, metrics_port: int) -> None:
+async def serve(settings: PluginSettings, detector: DetectorLink, metrics_port: int) -> None:
     log = structlog.get_logger("callshield.plugins")
     if metrics_port:
         server_metrics.serve(metrics_port)

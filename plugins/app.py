@@ -15,7 +15,7 @@ from aiohttp import web
 from plugins.asterisk import AmiTarget
 from plugins.audiohook import AudioHookServer
 from plugins.audiosocket import DEFAULT_SLIN_TYPES, AudioSocketServer
-from plugins.core import Detector, parse_hostport, parse_listen_path
+from plugins.core import DetectorLink, parse_hostport, parse_listen_path
 from plugins.freeswitch import AudioFork
 from plugins.twilio import TwilioMediaStreams, TwilioSettings
 
@@ -33,11 +33,12 @@ class PluginSettings:
     slin_types: Mapping[int, int] = field(default_factory=lambda: dict(DEFAULT_SLIN_TYPES))
     twilio_settings: TwilioSettings = field(default_factory=TwilioSettings)
     audiohook_api_key: str = ""
+    audiohook_client_secret: str = ""  # base64, as Genesys shows it; empty: unsigned allowed
 
 
 @dataclass
 class RunningPlugins:
-    detector: Detector
+    detector: DetectorLink
     audiosocket: asyncio.Server | None
     audiosocket_handler: AudioSocketServer | None
     runners: list[web.AppRunner]
@@ -57,7 +58,7 @@ class RunningPlugins:
         await self.detector.drain()
 
 
-async def start_plugins(settings: PluginSettings, detector: Detector) -> RunningPlugins:
+async def start_plugins(settings: PluginSettings, detector: DetectorLink) -> RunningPlugins:
     ports: dict[str, int] = {}
     audiosocket = handler = None
     if settings.audiosocket:
@@ -75,7 +76,8 @@ async def start_plugins(settings: PluginSettings, detector: Detector) -> Running
         handlers["freeswitch"] = (settings.freeswitch, AudioFork(detector).handle)
     if settings.audiohook:
         handlers["audiohook"] = (settings.audiohook,
-                                 AudioHookServer(detector, settings.audiohook_api_key).handle)
+                                 AudioHookServer(detector, settings.audiohook_api_key,
+                                                 settings.audiohook_client_secret).handle)
     for name, (listen, route) in handlers.items():
         host, port, path = parse_listen_path(listen)
         routes[(host, port)].append((name, path, route))

@@ -8,7 +8,16 @@ server answers with its own ``seq`` and ``clientseq`` (the last client seq seen)
 external = customer = ``caller``, internal = ``agent``), ``ping`` gets ``pong``, ``paused`` /
 ``resumed`` / ``update`` / ``discarded`` / ``dtmf`` / ``error`` are taken note of, ``close``
 gets ``closed``. Binary frames of interleaved PCMU are valid only between ``opened`` and
-``close``. The ``X-API-KEY`` header of the upgrade request must match the configured key.
+``close``. The ``X-API-KEY`` header of the upgrade request must match the configured key;
+with a client secret configured, the request must also carry a valid HTTP message signature
+(:mod:`plugins.httpsig`), and the ``organizationId`` of ``open`` must match the signed
+``Audiohook-Organization-Id``. A refused upgrade gets 401 after ``FAILURE_DELAY_SECONDS``
+(as Genesys' reference server, so timing tells an attacker nothing).
+
+A connection probe (Genesys checks the integration with conversation id all zeros, no audio
+or an empty frame) gets ``opened`` and ``closed`` like a call but opens no detection stream.
+The client's ``error``, ``update`` and ``discarded`` messages are logged (never their
+participant data).
 
 A protocol error gets a ``disconnect`` (reason ``error``, with ``info``); the client answers
 with ``close``, and the socket is closed after ``closed`` or ``DISCONNECT_WAIT_SECONDS``.
@@ -27,13 +36,23 @@ from aiohttp import WSMsgType, web
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics, ws
-from plugins.core import AudioFormat, CallBridge, Detector, DetectorGone, SpoofAlert
+from plugins.core import (
+    AudioFormat,
+    CallBridge,
+    DetectorGone,
+    DetectorLink,
+    ProtocolError,
+    SpoofAlert,
+)
+from plugins.httpsig import Verifier
 
 PLUGIN = "audiohook"
 VERSION = "2"
 PARTY = {"external": "caller", "internal": "agent"}
 TOLERATED = ("paused", "resumed", "update", "discarded", "dtmf", "error")
 DISCONNECT_WAIT_SECONDS = 2.0
+FAILURE_DELAY_SECONDS = 0.5
+PROBE_CONVERSATION = "00000000-0000-0000-0000-000000000000"
 log = structlog.get_logger("callshield.plugins.audiohook")
 
 
@@ -55,26 +74,42 @@ def choose_media(offers: Any) -> dict[str, Any] | None:
 
 
 class AudioHookServer:
-    def __init__(self, detector: Detector, api_key: str = "") -> None:
+    def __init__(self, detector: DetectorLink, api_key: str = "", client_secret: str = "") -> None:
         self.detector = detector
         self.api_key = api_key
+        self.verifier = Verifier(client_secret) if client_secret else None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    def refusal(self, request: web.Request) -> str | None:
+        """Why the upgrade is refused (for the log), or None."""
         if self.api_key and not hmac.compare_digest(
                 request.headers.get("X-API-KEY", ""), self.api_key):
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "api_key").inc()
-            log.warning("bad X-API-KEY: upgrade refused",
+            return "bad X-API-KEY"
+        if self.verifier is not None:
+            problem = self.verifier.verify(request.headers, request.path_qs)
+            if problem is not None:
+                return f"bad signature: {problem}"
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        refusal = self.refusal(request)
+        if refusal is not None:
+            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "unauthorized").inc()
+            log.warning("upgrade refused", reason=refusal,
                         session_id=request.headers.get("Audiohook-Session-Id", ""))
-            return web.Response(status=401, text="invalid X-API-KEY")
+            await asyncio.sleep(FAILURE_DELAY_SECONDS)
+            return web.Response(status=401, text="unauthorized")
         socket = web.WebSocketResponse()
         await socket.prepare(request)
         session = _Session(self, socket, request.headers.get("Audiohook-Session-Id", ""))
+        if self.verifier is not None:
+            session.organization = request.headers.get("Audiohook-Organization-Id", "")
         try:
             await session.run()
-        except ws.WsProtocolError as exc:
+        except ProtocolError as exc:
             metrics.PROTOCOL_ERRORS.labels(PLUGIN, exc.reason).inc()
             session.log.warning("protocol error", reason=exc.reason, detail=str(exc))
-            await session.disconnect(str(exc))
+            await session.disconnect(
+                str(exc), "unauthorized" if exc.reason == "unauthorized" else "error")
         except DetectorGone:
             await session.disconnect("detector unavailable")
         except Exception:
@@ -100,6 +135,8 @@ class _Session:
         self.closing = False  # close received, or disconnect sent after the read loop ended
         self.disconnecting = False  # disconnect sent while the read loop runs
         self.bridge: CallBridge | None = None
+        self.probe = False  # a connection probe: no detection stream
+        self.organization = ""  # the signed organization id, when signatures are checked
         self.log = log.bind(call_id=None, session_id=sid)
 
     async def send(self, kind: str, parameters: dict[str, Any]) -> None:
@@ -124,10 +161,12 @@ class _Session:
     def _on_audio(self, data: bytes) -> None:
         if self.disconnecting:
             return  # frames in flight before the client saw our disconnect
-        if self.bridge is None or self.closing:
-            raise ws.WsProtocolError("sequence", "audio outside opened..close")
-        if not data or len(data) % self.channels:
-            raise ws.WsProtocolError("length", f"audio frame of {len(data)} bytes is not whole "
+        if (self.bridge is None and not self.probe) or self.closing:
+            raise ProtocolError("sequence", "audio outside opened..close")
+        if not data or self.bridge is None:
+            return  # an empty frame (the probe sends one) or probe audio: nothing to score
+        if len(data) % self.channels:
+            raise ProtocolError("length", f"audio frame of {len(data)} bytes is not whole "
                                      f"samples of {self.channels} channels")
         self.samples += len(data) // self.channels
         if not self.paused:
@@ -137,9 +176,9 @@ class _Session:
         """Handle one client message; True when the session is over."""
         seq = message.get("seq")
         if message.get("version") != VERSION or not isinstance(seq, int):
-            raise ws.WsProtocolError("malformed", "message without version 2 and integer seq")
+            raise ProtocolError("malformed", "message without version 2 and integer seq")
         if seq != self.clientseq + 1:
-            raise ws.WsProtocolError("sequence", f"seq {seq} after {self.clientseq}")
+            raise ProtocolError("sequence", f"seq {seq} after {self.clientseq}")
         self.clientseq = seq
         kind = message.get("type")
         if kind == "open":
@@ -154,27 +193,50 @@ class _Session:
             await self.send("closed", {})
             return True
         elif kind in TOLERATED:
-            if self.bridge is None:
-                raise ws.WsProtocolError("sequence", f"{kind} before open")
-            if kind in ("paused", "resumed"):
-                self.paused = kind == "paused"
-                self.log.info(kind, position=iso_duration(self.samples / 8000))
+            if self.bridge is None and not self.probe:
+                raise ProtocolError("sequence", f"{kind} before open")
+            self._on_notice(kind, message.get("parameters") or {})
         else:
-            raise ws.WsProtocolError("unknown_type", f"unknown message type {str(kind)[:40]!r}")
+            raise ProtocolError("unknown_type", f"unknown message type {str(kind)[:40]!r}")
         return False
 
+    def _on_notice(self, kind: str, parameters: Any) -> None:
+        """Messages that change nothing but the record: logged, without participant data."""
+        if not isinstance(parameters, dict):
+            parameters = {}
+        position = iso_duration(self.samples / 8000)
+        if kind in ("paused", "resumed"):
+            self.paused = kind == "paused"
+            self.log.info(kind, position=position)
+        elif kind == "error":
+            self.log.warning("client error", code=str(parameters.get("code", ""))[:10],
+                             message=str(parameters.get("message", ""))[:200],
+                             position=position)
+        elif kind == "discarded":
+            self.log.warning("client discarded audio", start=str(parameters.get("start"))[:20],
+                             discarded=str(parameters.get("discarded"))[:20])
+        elif kind == "update":
+            self.log.info("client update", parameters=sorted(parameters)[:10])
+
     async def _on_open(self, message: dict[str, Any]) -> None:
-        if self.bridge is not None:
-            raise ws.WsProtocolError("sequence", "a second open")
+        if self.bridge is not None or self.probe:
+            raise ProtocolError("sequence", "a second open")
         self.id = str(message.get("id") or self.id)
         parameters = message.get("parameters") or {}
+        if self.organization and parameters.get("organizationId") != self.organization:
+            raise ProtocolError("unauthorized",
+                                     "organizationId is not the signed Audiohook-Organization-Id")
         media = choose_media(parameters.get("media"))
         if media is None:
-            raise ws.WsProtocolError("format", "no PCMU 8000 Hz external[/internal] media offered")
+            raise ProtocolError("format", "no PCMU 8000 Hz external[/internal] media offered")
         call_id = str(parameters.get("conversationId") or self.id)
         self.log = log.bind(call_id=call_id, session_id=self.id)
         self.channels = len(media["channels"])
         await self.send("opened", {"startPaused": False, "media": [media]})
+        if call_id == PROBE_CONVERSATION:
+            self.probe = True
+            self.log.info("connection probe")
+            return
         self.bridge = self.plugin.detector.open_call(
             PLUGIN, call_id,
             AudioFormat(pb.AUDIO_ENCODING_MULAW, 8000,
@@ -197,21 +259,21 @@ class _Session:
         await asyncio.sleep(DISCONNECT_WAIT_SECONDS)
         await ws.close(self.socket, ws.NORMAL)
 
-    async def disconnect(self, info: str) -> None:
-        """After the read loop: ``disconnect`` (reason error), then wait briefly for the
-        client's ``close``."""
+    async def disconnect(self, info: str, reason: str = "error") -> None:
+        """After the read loop: ``disconnect``, then wait briefly for the client's
+        ``close``."""
         if self.socket.closed or self.closing or self.disconnecting:
             return
         self.closing = True
         try:
-            await self.send("disconnect", {"reason": "error", "info": info[:200]})
+            await self.send("disconnect", {"reason": reason, "info": info[:200]})
             async with asyncio.timeout(DISCONNECT_WAIT_SECONDS):
                 async for msg in self.socket:
                     if msg.type != WSMsgType.TEXT:
                         continue
                     try:
                         message = ws.json_message(msg)
-                    except ws.WsProtocolError:
+                    except ProtocolError:
                         continue
                     if message.get("type") == "close":
                         if isinstance(message.get("seq"), int):

@@ -23,7 +23,14 @@ import structlog
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics
 from plugins.asterisk import AmiTarget
-from plugins.core import AudioFormat, CallBridge, Detector, DetectorGone, SpoofAlert
+from plugins.core import (
+    AudioFormat,
+    CallBridge,
+    DetectorGone,
+    DetectorLink,
+    ProtocolError,
+    SpoofAlert,
+)
 
 PLUGIN = "audiosocket"
 HANGUP, UUID, DTMF, SLIN, ERROR = 0x00, 0x01, 0x03, 0x10, 0xFF
@@ -31,12 +38,6 @@ LINGER_SECONDS = 0.5  # after a last frame, before closing (see _Call.close)
 DEFAULT_SLIN_TYPES: Mapping[int, int] = {SLIN: 8000}
 IDLE_SECONDS = 10.0  # Asterisk sends 20 ms frames all call long; silence this long is a fault
 log = structlog.get_logger("callshield.plugins.audiosocket")
-
-
-class ProtocolError(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
@@ -55,7 +56,7 @@ def parse_slin_types(spec: str) -> dict[int, int]:
 
 class AudioSocketServer:
     def __init__(
-        self, detector: Detector, *, alerts: AmiTarget | None = None,
+        self, detector: DetectorLink, *, alerts: AmiTarget | None = None,
         slin_types: Mapping[int, int] = DEFAULT_SLIN_TYPES, idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.detector = detector

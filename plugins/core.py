@@ -5,7 +5,10 @@ A protocol handler validates its platform's framing, then hands raw audio frames
 read loop of this or another call. The bridge forwards each frame to the gRPC stream as soon
 as gRPC can take it (the SDK's :class:`client.AsyncDetectionClient`), and turns the first
 alert per speaker into deliveries: the platform's own back channel (given by the handler) and
-the webhook, each in its own task so that neither can fail the call.
+the webhook, each in its own task so that neither can fail the call. At every normal end
+(the platform's hangup, :meth:`CallBridge.finish`) the call's summary goes to the webhook as a
+``call_summary`` event: the receiver learns that a call ended clean as well as that one was
+flagged.
 
 A detector that drops the stream, refuses it or stops reading for ``stall_seconds`` fails the
 bridge: it logs the error and calls the handler's ``on_failure``, which closes the platform
@@ -83,8 +86,33 @@ class SpoofAlert:
         return data
 
 
+def summary_event(plugin: str, call_id: str, summary: pb.StreamSummary, alerts: int,
+                  extra: dict[str, str]) -> dict[str, Any]:
+    """The webhook's ``call_summary`` payload: per speaker its final state, score and speech
+    seconds, in order of first speech (no audio, no caller number)."""
+    return {
+        "type": "call_summary", "plugin": plugin, "call_id": call_id,
+        "audio_seconds": round(summary.audio_seconds, 3),
+        "windows_scored": summary.windows_scored, "alerts": alerts, "extra": dict(extra),
+        "speakers": [{"speaker": v.speaker, "state": pb.SpeakerState.Name(v.state),
+                      "spoof_probability": round(v.spoof_probability, 4),
+                      "speech_seconds": round(v.speech_seconds, 3)}
+                     for v in summary.speakers],
+    }
+
+
 AlertSink = Callable[[SpoofAlert], Awaitable[None]]
 FailureHook = Callable[[str], Awaitable[None]]
+
+
+class ProtocolError(Exception):
+    """A platform broke its protocol: ends that one connection. ``reason`` labels the
+    metric; ``code`` is the WebSocket close code (RFC 6455) where the transport has one."""
+
+    def __init__(self, reason: str, detail: str, code: int = 1002) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.code = code
 
 
 class DetectorGone(Exception):
@@ -92,7 +120,7 @@ class DetectorGone(Exception):
 
 
 @dataclass
-class Detector:
+class DetectorLink:
     """The process-wide link to the detection service, shared by every plugin and call."""
 
     target: str
@@ -134,7 +162,9 @@ class Detector:
         task.add_done_callback(self._deliveries.discard)
 
     async def drain(self, seconds: float = DELIVERY_SECONDS) -> None:
-        """Wait (bounded) for alert deliveries still in flight, then close the channel."""
+        """Wait (bounded) for open streams to end and for the alert and summary deliveries
+        still in flight, then close the channel (which would cut any stream still open)."""
+        await self.wait_idle(seconds)
         if self._deliveries:
             await asyncio.wait(set(self._deliveries), timeout=seconds)
         for task in set(self._deliveries):
@@ -148,7 +178,7 @@ class CallBridge:
     """One platform connection's detection stream."""
 
     def __init__(
-        self, detector: Detector, plugin: str, call_id: str, fmt: AudioFormat,
+        self, detector: DetectorLink, plugin: str, call_id: str, fmt: AudioFormat,
         deliver: AlertSink | None, on_failure: FailureHook, extra: dict[str, str],
     ) -> None:
         self.detector = detector
@@ -207,11 +237,25 @@ class CallBridge:
                            seconds=self.detector.finish_seconds)
             await self._stop()
         except asyncio.CancelledError:
-            await self._stop()
-            raise
+            task = asyncio.current_task()
+            if self.summary is None or (task is not None and task.cancelling()):
+                await self._stop()
+                raise
+            # the stream was torn down after its summary arrived: the call is complete
         finally:
             self._closed()
+        webhook = self.detector.webhook
+        if self.summary is not None and webhook is not None and webhook.urls:
+            event = summary_event(self.plugin, self.call_id, self.summary, len(self.alerts),
+                                  self.extra)
+            self.detector.spawn_delivery(self._send_summary(webhook, event))
         return self.summary
+
+    async def _send_summary(self, webhook: WebhookSender, event: dict[str, Any]) -> None:
+        results = await webhook.send(event)
+        outcome = "delivered" if all(results.values()) else "failed"
+        metrics.SUMMARIES.labels(self.plugin, outcome).inc()
+        self.log.info("summary " + outcome, channel="webhook")
 
     async def abort(self, reason: str) -> None:
         """The platform connection broke (or a protocol error): drop the stream at once."""
@@ -261,7 +305,14 @@ class CallBridge:
 
     async def _run(self) -> None:
         try:
-            async for response in self.detector.client.stream(self.stream_config(), self._audio()):
+            # A call that starts while the detector restarts waits for it (its audio
+            # buffers meanwhile), for at most stall_seconds.
+            if not await self.detector.client.wait_ready(self.detector.stall_seconds):
+                self._fail("detector unreachable")
+                return
+            stream = self.detector.client.stream(self.stream_config(), self._audio(),
+                                                 wait_for_ready=True)
+            async for response in stream:
                 kind = response.WhichOneof("event")
                 if kind == "alert":
                     self._alert(response.alert)

@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import ws
-from plugins.core import AudioFormat, CallBridge, Detector, SpoofAlert
+from plugins.core import AudioFormat, CallBridge, DetectorLink, ProtocolError, SpoofAlert
 
 PLUGIN = "freeswitch"
 RATES = {"8k": 8000, "8000": 8000, "16k": 16000, "16000": 16000}
@@ -31,15 +31,15 @@ log = structlog.get_logger("callshield.plugins.freeswitch")
 
 
 def parse_metadata(data: dict[str, Any]) -> tuple[str, AudioFormat]:
-    """(call id, format) from the first frame's JSON, or :class:`ws.WsProtocolError`."""
+    """(call id, format) from the first frame's JSON, or :class:`ProtocolError`."""
     call_id = str(data.get("uuid") or data.get("callId") or data.get("call_id") or "")
     rate = RATES.get(str(data.get("sampleRate", data.get("sample_rate", "8000"))).lower())
     if rate is None:
-        raise ws.WsProtocolError("format", "sampleRate must be 8000 or 16000", ws.INVALID_PAYLOAD)
+        raise ProtocolError("format", "sampleRate must be 8000 or 16000", ws.INVALID_PAYLOAD)
     mix = data.get("mixType", data.get("mix_type"))
     channels = MIX_CHANNELS.get(str(mix).lower()) if mix is not None else data.get("channels", 1)
     if channels not in (1, 2):
-        raise ws.WsProtocolError("format", "mixType must be mono, mixed or stereo",
+        raise ProtocolError("format", "mixType must be mono, mixed or stereo",
                                  ws.INVALID_PAYLOAD)
     mixed = channels == 1 and str(mix).lower() == "mixed"
     parties = ("caller", "agent") if channels == 2 else (("mixed",) if mixed else ("caller",))
@@ -48,7 +48,7 @@ def parse_metadata(data: dict[str, Any]) -> tuple[str, AudioFormat]:
 
 
 class AudioFork:
-    def __init__(self, detector: Detector) -> None:
+    def __init__(self, detector: DetectorLink) -> None:
         self.detector = detector
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -70,10 +70,10 @@ class _Fork:
         async for msg in self.socket:
             if msg.type == WSMsgType.BINARY:
                 if self.bridge is None:
-                    raise ws.WsProtocolError("sequence", "audio before the metadata frame",
+                    raise ProtocolError("sequence", "audio before the metadata frame",
                                              ws.POLICY_VIOLATION)
                 if not msg.data or len(msg.data) % self.bridge.format.frame_bytes:
-                    raise ws.WsProtocolError(
+                    raise ProtocolError(
                         "length", f"audio frame of {len(msg.data)} bytes is not whole samples",
                         ws.INVALID_PAYLOAD)
                 self.bridge.feed(msg.data)

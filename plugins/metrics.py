@@ -23,6 +23,10 @@ ALERTS = Counter(
     "Alert deliveries, by channel (platform, webhook) and outcome",
     ["plugin", "channel", "outcome"],
 )
+SUMMARIES = Counter(
+    "callshield_plugin_summaries_total",
+    "call_summary webhook deliveries at a call's normal end, by outcome", ["plugin", "outcome"],
+)
 FORWARD_SECONDS = Histogram(
     "callshield_plugin_frame_forward_seconds",
     "Added latency: a frame read off the platform socket -> handed to the gRPC stream",

@@ -8,9 +8,15 @@ tracks arrive as separate messages, so they are paired up byte for byte (a track
 more than ``MAX_SKEW_SECONDS`` behind is padded with mu-law silence, so one silent leg never
 stalls the other). Mu-law goes to the detector as is (MULAW).
 
-With an auth token configured, the upgrade request must carry a valid ``X-Twilio-Signature``
-(base64 HMAC-SHA1 of the full URL Twilio requested, under the auth token); the URL is the
-configured public URL, or else rebuilt from the Host header (wss:// and https:// are tried).
+With an auth token (or a signing key) configured, the upgrade request must carry a valid
+``X-Twilio-Signature``: base64 HMAC of the URL Twilio requested, under the auth token, or
+HMAC-SHA256 under the signing key when ``X-Twilio-Webhooks-Signature-Settings`` names
+``algorithm=HMAC_SHA256``. Which URL Twilio signed is the one thing a proxy hides: it is the
+``url`` of ``<Stream>`` in the TwiML, so ``public_url`` takes exactly that (a bare base URL
+``wss://host`` still gets the request's path appended); without it the URL is rebuilt from the
+Host header (and ``X-Forwarded-Host``/``-Proto`` when the proxy is trusted). As Twilio's own
+``RequestValidator`` does, each URL is tried with and without its default port, because
+Twilio's back end signs either form.
 Alerts go back through the REST call update (``POST {api_base}/2010-04-01/Accounts/
 {AccountSid}/Calls/{CallSid}.json``) with the configured ``Url`` or ``Twiml``, in which
 ``$speaker``, ``$score`` and ``$call_sid`` are substituted.
@@ -25,6 +31,7 @@ import hmac
 from dataclasses import dataclass
 from string import Template
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -33,27 +40,69 @@ from aiohttp import WSMsgType, web
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics, ws
-from plugins.core import AudioFormat, CallBridge, Detector, SpoofAlert
+from plugins.core import AudioFormat, CallBridge, DetectorLink, ProtocolError, SpoofAlert
 
 PLUGIN = "twilio"
 PARTY = {"inbound": "caller", "outbound": "agent"}
 MULAW_SILENCE = 0xFF
-MAX_SKEW_SECONDS = 1.0
+MAX_SKEW_SECONDS = 0.2  # the most a silent or lagging track holds back the other one
 REST_TIMEOUT_SECONDS = 10.0
 log = structlog.get_logger("callshield.plugins.twilio")
 
 
-def signature(auth_token: str, url: str, params: dict[str, str] | None = None) -> str:
+HASHES = {"HMAC_SHA1": hashlib.sha1, "HMAC_SHA256": hashlib.sha256}
+SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
+
+
+def signature(secret: str, url: str, params: dict[str, str] | None = None,
+              algorithm: str = "HMAC_SHA1") -> str:
     """Twilio's request signature: URL, then each POST parameter name+value sorted by name."""
     data = url + "".join(k + v for k, v in sorted((params or {}).items()))
-    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
+    digest = hmac.new(secret.encode(), data.encode(), HASHES[algorithm]).digest()
     return base64.b64encode(digest).decode()
+
+
+def signature_algorithm(settings_header: str) -> str:
+    """The algorithm ``X-Twilio-Webhooks-Signature-Settings`` names (``key=...,algorithm=
+    HMAC_SHA256``); without the header it is the Auth Token's HMAC_SHA1."""
+    for part in settings_header.split(","):
+        name, sep, value = part.partition("=")
+        if sep and name.strip() == "algorithm" and value.strip():
+            return value.strip().upper()
+    return "HMAC_SHA1"
+
+
+def port_variants(url: str) -> list[str]:
+    """``url`` as given, without its port, and with the scheme's default port (443 for
+    wss/https, else 80): Twilio signs either form for the same endpoint."""
+    parts = urlsplit(url)
+    if parts.port is not None:
+        bare = parts._replace(netloc=parts.netloc.rsplit(":", 1)[0]).geturl()
+        return [url, bare]
+    port = 443 if parts.scheme in ("wss", "https") else 80
+    return [url, parts._replace(netloc=f"{parts.netloc}:{port}").geturl()]
+
+
+def signed_urls(public_url: str, path_qs: str, host: str, schemes: tuple[str, ...]) -> list[str]:
+    """Every URL Twilio may have signed for a request to ``path_qs`` on ``host``."""
+    if public_url:
+        parts = urlsplit(public_url)
+        if parts.path in ("", "/"):  # a base URL: the request supplies path and query
+            bases = [public_url.rstrip("/") + path_qs]
+        else:  # the Stream URL itself; its query, when it has none, is the request's
+            _, q, query = path_qs.partition("?")
+            bases = [public_url + (q + query if q and not parts.query else "")]
+    else:
+        bases = [f"{scheme}://{host}{path_qs}" for scheme in schemes]
+    return [url for base in bases for url in port_variants(base)]
 
 
 @dataclass(frozen=True)
 class TwilioSettings:
-    auth_token: str = ""  # empty: no signature check and no REST update
-    public_url: str = ""  # e.g. wss://calls.example.com (the path comes from the request)
+    auth_token: str = ""  # empty (and no signing_key): no signature check, no REST update
+    public_url: str = ""  # the Stream URL of the TwiML, e.g. wss://calls.example.com/twilio
+    signing_key: str = ""  # secret of HMAC_SHA256 signatures (default: the auth token)
+    trust_proxy: bool = False  # rebuild the URL from X-Forwarded-Host/-Proto
     api_base: str = "https://api.twilio.com"
     account_sid: str = ""  # default: the start message's accountSid
     alert_url: str = ""  # REST update Url=... (TwiML app to branch to)
@@ -61,24 +110,39 @@ class TwilioSettings:
 
 
 class TwilioMediaStreams:
-    def __init__(self, detector: Detector, settings: TwilioSettings) -> None:
+    def __init__(self, detector: DetectorLink, settings: TwilioSettings) -> None:
         self.detector = detector
         self.settings = settings
 
-    def signature_ok(self, request: web.Request) -> bool:
+    def check_signature(self, request: web.Request) -> str | None:
+        """None when the signature is valid, else why not (for the log; never the secret)."""
+        s = self.settings
+        algorithm = signature_algorithm(request.headers.get(SETTINGS_HEADER, ""))
+        if algorithm not in HASHES:
+            return f"unsupported signature algorithm {algorithm[:20]!r}"
+        secret = s.signing_key if algorithm != "HMAC_SHA1" and s.signing_key else s.auth_token
+        host, schemes = request.host, ("wss", "https")
+        if s.trust_proxy:
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+            proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+            if proto in ("http", "ws"):
+                schemes = ("ws", "http")
+        urls = signed_urls(s.public_url, request.path_qs, host, schemes)
         header = request.headers.get("X-Twilio-Signature", "")
-        token = self.settings.auth_token
-        if self.settings.public_url:
-            urls = [self.settings.public_url.rstrip("/") + request.path_qs]
-        else:
-            urls = [f"{scheme}://{request.host}{request.path_qs}" for scheme in ("wss", "https")]
-        return any(hmac.compare_digest(signature(token, url), header) for url in urls)
+        if any(hmac.compare_digest(signature(secret, url, None, algorithm), header)
+               for url in urls):
+            return None
+        checked = sorted({url.partition("?")[0] for url in urls})
+        return f"{algorithm} over {', '.join(checked)}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.settings.auth_token and not self.signature_ok(request):
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "signature").inc()
-            log.warning("bad X-Twilio-Signature: upgrade refused", path=request.path)
-            return web.Response(status=403, text="invalid X-Twilio-Signature")
+        if self.settings.auth_token or self.settings.signing_key:
+            problem = self.check_signature(request)
+            if problem is not None:
+                metrics.PROTOCOL_ERRORS.labels(PLUGIN, "signature").inc()
+                log.warning("bad X-Twilio-Signature: upgrade refused", checked=problem,
+                            hint="--twilio-public-url must be the <Stream url> of the TwiML")
+                return web.Response(status=403, text="invalid X-Twilio-Signature")
         socket = web.WebSocketResponse()
         await socket.prepare(request)
         call = _Stream(self, socket)
@@ -126,33 +190,46 @@ class _Stream:
                 self._on_start(data)
             elif event == "stop":
                 if self.bridge is None:
-                    raise ws.WsProtocolError("sequence", "stop before start")
+                    raise ProtocolError("sequence", "stop before start")
                 self.log.info("stop")
-                await self.bridge.finish()
+                await self._end()
                 await ws.close(self.socket, ws.NORMAL)
                 return
             elif event not in ("connected", "mark", "dtmf"):  # dtmf digits are never logged
-                raise ws.WsProtocolError("unknown_type", f"unknown event {str(event)[:40]!r}")
+                raise ProtocolError("unknown_type", f"unknown event {str(event)[:40]!r}")
         if self.bridge is not None and self.bridge.failed is None:
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "disconnect").inc()
-            self.log.warning("connection lost before stop")
+            # Twilio ends with `stop`, but a socket closed without it still ends the call:
+            # everything received is scored and summarized, nothing is thrown away.
+            code = self.socket.close_code
+            if code in (ws.NORMAL, 1001):
+                self.log.info("socket closed without stop: call ended", close_code=code)
+            else:
+                metrics.PROTOCOL_ERRORS.labels(PLUGIN, "disconnect").inc()
+                self.log.warning("connection lost before stop: call ended", close_code=code)
+            await self._end()
+
+    async def _end(self) -> None:
+        """The call is over: forward what is buffered (the lagging track padded) and finish."""
+        assert self.bridge is not None
+        self._forward(flush=True)
+        await self.bridge.finish()
 
     def _on_start(self, data: dict[str, Any]) -> None:
         if self.bridge is not None:
-            raise ws.WsProtocolError("sequence", "a second start message")
+            raise ProtocolError("sequence", "a second start message")
         start = data.get("start")
         if not isinstance(start, dict):
-            raise ws.WsProtocolError("malformed", "start message without start object",
+            raise ProtocolError("malformed", "start message without start object",
                                      ws.INVALID_PAYLOAD)
         fmt = start.get("mediaFormat") or {}
         if not isinstance(fmt, dict) or (
                 fmt.get("encoding"), fmt.get("sampleRate"), fmt.get("channels", 1)) != (
                 "audio/x-mulaw", 8000, 1):
-            raise ws.WsProtocolError("format", f"unsupported mediaFormat {fmt}",
+            raise ProtocolError("format", f"unsupported mediaFormat {fmt}",
                                      ws.UNSUPPORTED_DATA)
         tracks = tuple(t for t in ("inbound", "outbound") if t in (start.get("tracks") or []))
         if not tracks:
-            raise ws.WsProtocolError("format", "start names no inbound/outbound track",
+            raise ProtocolError("format", "start names no inbound/outbound track",
                                      ws.INVALID_PAYLOAD)
         self.call_sid = str(start.get("callSid", ""))
         self.account_sid = self.plugin.settings.account_sid or str(start.get("accountSid", ""))
@@ -166,21 +243,22 @@ class _Stream:
 
     def _on_media(self, data: dict[str, Any]) -> None:
         if self.bridge is None:
-            raise ws.WsProtocolError("sequence", "media before start")
+            raise ProtocolError("sequence", "media before start")
         media = data.get("media")
         if not isinstance(media, dict) or media.get("track") not in self.buffers:
-            raise ws.WsProtocolError("malformed", "media without a started track",
+            raise ProtocolError("malformed", "media without a started track",
                                      ws.INVALID_PAYLOAD)
         try:
             audio = base64.b64decode(media.get("payload", ""), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ws.WsProtocolError("malformed", "payload is not base64",
+            raise ProtocolError("malformed", "payload is not base64",
                                      ws.INVALID_PAYLOAD) from exc
         self.buffers[media["track"]] += audio
         self._forward()
 
-    def _forward(self) -> None:
-        """Feed whatever is paired up; pad a track lagging by more than MAX_SKEW_SECONDS."""
+    def _forward(self, flush: bool = False) -> None:
+        """Feed whatever is paired up; pad a track lagging by more than MAX_SKEW_SECONDS
+        (at the end of the call, by any amount)."""
         assert self.bridge is not None
         if len(self.tracks) == 1:
             buf = self.buffers[self.tracks[0]]
@@ -189,7 +267,7 @@ class _Stream:
                 buf.clear()
             return
         a, b = (self.buffers[t] for t in self.tracks)
-        skew = int(MAX_SKEW_SECONDS * 8000)
+        skew = 0 if flush else int(MAX_SKEW_SECONDS * 8000)
         for lead, lag in ((a, b), (b, a)):
             if len(lead) - len(lag) > skew:
                 lag.extend(bytes([MULAW_SILENCE]) * (len(lead) - len(lag) - skew))

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from plugins import metrics
-from plugins.core import CallBridge, DetectorGone
+from plugins.core import CallBridge, DetectorGone, ProtocolError
 
 NORMAL = 1000
 PROTOCOL_ERROR = 1002
@@ -18,15 +18,6 @@ UNSUPPORTED_DATA = 1003
 INVALID_PAYLOAD = 1007
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
-
-
-class WsProtocolError(Exception):
-    """Ends one connection: ``reason`` labels the metric, ``code`` is the close code."""
-
-    def __init__(self, reason: str, detail: str, code: int = PROTOCOL_ERROR) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.code = code
 
 
 class WsCall(Protocol):
@@ -41,7 +32,7 @@ async def run_call(plugin: str, socket: web.WebSocketResponse, call: WsCall) -> 
     never reaches aiohttp or another call."""
     try:
         await call.run()
-    except WsProtocolError as exc:
+    except ProtocolError as exc:
         metrics.PROTOCOL_ERRORS.labels(plugin, exc.reason).inc()
         call.log.warning("protocol error", reason=exc.reason, detail=str(exc))
         await close(socket, exc.code, str(exc))
@@ -56,16 +47,16 @@ async def run_call(plugin: str, socket: web.WebSocketResponse, call: WsCall) -> 
 
 
 def json_message(msg: Any) -> dict[str, Any]:
-    """A text frame's JSON object, or :class:`WsProtocolError`."""
+    """A text frame's JSON object, or :class:`ProtocolError`."""
     if msg.type == WSMsgType.BINARY:
-        raise WsProtocolError("unexpected_binary", "binary frame where JSON text was expected",
+        raise ProtocolError("unexpected_binary", "binary frame where JSON text was expected",
                               UNSUPPORTED_DATA)
     try:
         data = json.loads(msg.data)
     except (TypeError, ValueError) as exc:
-        raise WsProtocolError("malformed", f"not JSON: {exc}", INVALID_PAYLOAD) from exc
+        raise ProtocolError("malformed", f"not JSON: {exc}", INVALID_PAYLOAD) from exc
     if not isinstance(data, dict):
-        raise WsProtocolError("malformed", "JSON message is not an object", INVALID_PAYLOAD)
+        raise ProtocolError("malformed", "JSON message is not an object", INVALID_PAYLOAD)
     return data
 
 

@@ -29,6 +29,7 @@ class SpeakerTrack:
     speech_seconds: float = 0.0
     alerted: bool = False
     windows: int = 0
+    first_speech: float = 0.0  # start of the first scored window
     _run_state: int = pb.SPEAKER_STATE_UNKNOWN  # the state the recent windows point to
     _run_length: int = 0
     _run_start: float = 0.0
@@ -61,6 +62,8 @@ class SpeakerTrack:
     ) -> tuple[bool, pb.Alert | None]:
         """Fold in one window (``speech_seconds``: the speaker's speech up to ``end``);
         returns (state changed, alert raised now or None)."""
+        if self.windows == 0:
+            self.first_speech = start
         self.windows += 1
         self.speech_seconds = speech_seconds
         if self.probability is None:
@@ -99,9 +102,13 @@ class CallAggregator:
         return self.speakers[speaker]
 
     def summary(self, call_id: str, audio_seconds: float) -> pb.StreamSummary:
+        """Speakers in order of first speech; a party or label that never had a window
+        scored (a silent leg, a diarization label that faded) has no verdict to report."""
+        heard = sorted((t for t in self.speakers.values() if t.windows),
+                       key=lambda t: t.first_speech)
         return pb.StreamSummary(
             call_id=call_id,
-            speakers=[t.final_verdict() for t in self.speakers.values()],
+            speakers=[t.final_verdict() for t in heard],
             audio_seconds=audio_seconds,
             windows_scored=sum(t.windows for t in self.speakers.values()),
         )

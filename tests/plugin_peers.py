@@ -25,7 +25,7 @@ from aiohttp import web
 from models.data.augment import mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.asterisk import AmiTarget
-from plugins.core import Detector
+from plugins.core import DetectorLink
 from plugins.twilio import TwilioSettings, signature
 from plugins.webhook import WebhookSender
 from tests.service_fixtures import SHARED_CALLS
@@ -389,7 +389,7 @@ async def plugin_stack(
             alert_url="https://app.example.com/fraud?speaker=$speaker&score=$score"),
         audiohook_api_key=AUDIOHOOK_KEY)
     webhook = WebhookSender([f"{http.url}/hook"], WEBHOOK_SECRET, backoff_seconds=0.05)
-    detector = Detector(f"127.0.0.1:{detector_port}", webhook=webhook, **detector_fields)
+    detector = DetectorLink(f"127.0.0.1:{detector_port}", webhook=webhook, **detector_fields)
     running = await start_plugins(settings, detector)
     try:
         yield running

@@ -143,6 +143,9 @@ def test_plugins_serve_reads_flags_and_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CALLSHIELD_PLUGINS_WEBHOOK", "http://a/hook,http://b/hook")
     monkeypatch.setenv("CALLSHIELD_PLUGINS_AMI", "pbx:5038")
     monkeypatch.setenv("CALLSHIELD_PLUGINS_ALERT_THRESHOLD", "0.7")
+    monkeypatch.setenv("CALLSHIELD_PLUGINS_TWILIO_SIGNING_KEY", "shared-key")
+    monkeypatch.setenv("CALLSHIELD_PLUGINS_TWILIO_TRUST_PROXY", "true")
+    monkeypatch.setenv("CALLSHIELD_PLUGINS_AUDIOHOOK_CLIENT_SECRET", "c2VjcmV0")
     args = parser().parse_args([
         "serve", "--slin-types", "0x12=16000", "--twilio", "127.0.0.1:8080/twilio",
         "--twilio-public-url", "wss://calls.example.com/twilio",
@@ -152,6 +155,9 @@ def test_plugins_serve_reads_flags_and_environment(monkeypatch: pytest.MonkeyPat
     assert settings.slin_types[0x12] == 16000 and settings.slin_types[0x10] == 8000
     assert settings.twilio_settings.public_url == "wss://calls.example.com/twilio"
     assert settings.twilio_settings.alert_twiml == "<Response><Hangup/></Response>"
+    assert settings.twilio_settings.signing_key == "shared-key"
+    assert settings.twilio_settings.trust_proxy is True
+    assert settings.audiohook_client_secret == "c2VjcmV0"
     assert isinstance(settings.asterisk_alerts, AmiTarget)
     assert detector.alert_threshold == 0.7
     assert detector.webhook is not None

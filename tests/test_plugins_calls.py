@@ -58,10 +58,7 @@ async def _four_calls(server: RunningServer, legs: Legs) -> tuple[
     closed = [e for e in logs if e["event"] == "call closed"]
     assert sorted(e["plugin"] for e in closed) == [
         "audiohook", "audiosocket", "freeswitch", "twilio"]
-    # Known bug, left open: the FreeSWITCH handler is cancelled by aiohttp while it waits for
-    # the last verdicts after the fork socket closes, so its summary is lost (issue 10).
-    assert all(e["verdicts"] for e in closed if e["plugin"] != "freeswitch"), [
-        (e["plugin"], e["verdicts"]) for e in closed]
+    assert all(e["verdicts"] for e in closed), [(e["plugin"], e["verdicts"]) for e in closed]
     assert {"event": "hangup", "how": "socket closed"}.items() <= next(
         e for e in logs if e["event"] == "hangup").items()
     return result
@@ -109,19 +106,31 @@ async def test_spoofed_caller_alerts_through_every_back_channel(
     events = [m for m in hook_messages if m["type"] == "event"]
     assert [e["parameters"]["entities"][0]["data"]["speaker"] for e in events] == ["caller"]
     assert [m["seq"] for m in hook_messages] == list(range(1, len(hook_messages) + 1))
-    # webhook: one signed POST per platform
+    # webhook: per platform one signed alert, then the call's summary naming the spoof
     hooks = http.matching("/hook")
-    assert sorted(json.loads(h.body)["plugin"] for h in hooks) == [
-        "audiohook", "audiosocket", "freeswitch", "twilio"]
     assert all(verify(WEBHOOK_SECRET, h.body, h.headers["X-Callshield-Signature"])
                for h in hooks)
+    events = [json.loads(h.body) for h in hooks]
+    for kind in ("spoof_alert", "call_summary"):
+        assert sorted(e["plugin"] for e in events if e["type"] == kind) == [
+            "audiohook", "audiosocket", "freeswitch", "twilio"], kind
+    for summary in (e for e in events if e["type"] == "call_summary"):
+        states = {s["speaker"]: s["state"] for s in summary["speakers"]}
+        assert states["caller"] == "SPEAKER_STATE_SPOOF_SUSPECTED", summary
+        assert summary["alerts"] == 1
 
 
 async def test_bonafide_call_alerts_nowhere(shipped_server: RunningServer) -> None:
     ami, http, fork_frames, hook_messages, _back, _sid = await _four_calls(
         shipped_server, bonafide_legs())
     assert ami.setvars() == []
-    assert http.requests == []  # no Twilio call update, no webhook
+    # no Twilio call update; the webhook gets each call's summary and nothing else
+    events = [json.loads(r.body) for r in http.requests if r.path == "/hook"]
+    assert len(http.requests) == len(events) == 4
+    assert sorted(e["plugin"] for e in events if e["type"] == "call_summary") == [
+        "audiohook", "audiosocket", "freeswitch", "twilio"]
+    assert all(s["state"] != "SPEAKER_STATE_SPOOF_SUSPECTED" and e["alerts"] == 0
+               for e in events for s in e["speakers"])
     assert [f for f in fork_frames if f.get("type") == "spoof_alert"] == []
     assert [m for m in hook_messages if m["type"] == "event"] == []
     assert [m["type"] for m in hook_messages] == ["opened", "closed"]

@@ -110,3 +110,16 @@ def test_low_scores_become_likely_bonafide() -> None:
     for i in range(4):
         track.update(0.05, i, i + 1, float(i + 1))
     assert track.state == pb.SPEAKER_STATE_LIKELY_BONAFIDE and not track.alerted
+
+
+def test_summary_lists_speakers_heard_in_order_of_first_speech() -> None:
+    """A silent leg or a label that never got a window has no verdict to report; the rest
+    come in the order they first spoke, whatever order their labels were made in."""
+    agg = CallAggregator()
+    for name in ("caller", "agent", "B"):
+        agg.track(name)  # SPLIT legs and diarization labels exist before anyone speaks
+    agg.track("agent").update(0.1, 4.0, 8.0, 3.0)
+    agg.track("caller").update(0.1, 6.0, 10.0, 2.0)
+    summary = agg.summary("c", 10.0)
+    assert [v.speaker for v in summary.speakers] == ["agent", "caller"]
+    assert all(v.speech_seconds > 0 for v in summary.speakers)
