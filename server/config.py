@@ -27,6 +27,9 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_inflight_per_stream: int = 8  # windows of one stream queued before it stops reading
     grace_seconds: float = 10.0
+    # Detect: recordings longer than this are refused (INVALID_ARGUMENT) from their header,
+    # before decoding: the 32 MiB message limit alone admits ~58 h of compressed silence
+    max_detect_seconds: float = 3600.0
     log_level: str = "info"
     # MIXED streams: off, on, or auto (on when the committed checkpoint and packages exist).
     # Off here so that embedding the server (tests, tools) stays light; `python -m server`
@@ -72,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
                    default=int(_env("max_inflight_per_stream", d.max_inflight_per_stream)))
     p.add_argument("--grace-seconds", type=float,
                    default=float(_env("grace_seconds", d.grace_seconds)))
+    p.add_argument("--max-detect-seconds", type=float,
+                   default=float(_env("max_detect_seconds", d.max_detect_seconds)),
+                   help="longest recording Detect accepts (longer: use StreamDetect)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
     p.add_argument("--diarization", choices=["off", "on", "auto"],
                    default=_env("diarization", DIARIZATION_CLI_DEFAULT),
@@ -88,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    if args.max_detect_seconds <= 0:
+        p.error("--max-detect-seconds must be positive")
     if not 0.25 <= args.diarization_step <= 1.0:
         p.error("--diarization-step must lie in [0.25, 1]")
     return ServerConfig(**vars(args))

@@ -31,6 +31,18 @@ WINDOW_LATENCY_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 ALERTS = Counter("callshield_alerts_total", "Spoof alerts raised")
+DETECT_DECODING = Gauge(
+    "callshield_detect_decoding", "Detect recordings being decoded and resampled now")
+DETECT_DECODE_SECONDS = Histogram(
+    "callshield_detect_decode_seconds",
+    "Decoding and resampling one Detect recording (refused and cancelled ones included)",
+    buckets=LATENCY_BUCKETS + (30.0, 60.0),
+)
+DETECT_CANCELLED = Counter(
+    "callshield_detect_cancelled_total",
+    "Detect work stopped early because the client cancelled or its deadline passed, by stage",
+    ["stage"],
+)
 
 
 def observe_batch(size: int, seconds: float) -> None:

@@ -6,9 +6,13 @@ requests into sessions and exceptions into the documented gRPC statuses.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +22,15 @@ from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
-from server.audio import InvalidAudio, StreamDecoder, pcm_from_bytes, read_container, resample
+from server.audio import (
+    DecodeCancelled,
+    InvalidAudio,
+    StreamDecoder,
+    check_duration,
+    container_info,
+    decode_container,
+    decode_raw,
+)
 from server.config import ServerConfig
 from server.queue.base import InferenceQueue, QueueUnavailable
 from server.session import Session, SpeakerAttributor
@@ -106,36 +118,47 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
     async def Detect(
         self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetectResponse:
+        """A whole recording. Its duration is checked from the header (or the byte count)
+        before decoding, decoding and resampling run block by block in a worker thread (the
+        event loop keeps serving streams), and a client that cancels or whose deadline passes
+        stops the decoding within one block (grpc.aio cancels this coroutine)."""
         await self._admit(context)
         config = pb.StreamConfig()
         config.CopyFrom(request.config)
         config.interim_results = True  # Detect returns every window
+        max_seconds = self.config.max_detect_seconds
+        rate = self.detector.sample_rate
+        cancel = threading.Event()
         try:
             if config.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
-                audio, rate = read_container(request.audio)
-                config.encoding, config.sample_rate_hz = pb.AUDIO_ENCODING_LINEAR16, rate
-                config.channels = audio.shape[1]
-                if audio.shape[1] > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:
-                    audio, config.channels = audio.mean(axis=1, keepdims=True), 1
+                info = container_info(request.audio)
+                check_duration(info.frames, info.sample_rate, max_seconds)  # before decoding
+                config.encoding = pb.AUDIO_ENCODING_LINEAR16
+                config.sample_rate_hz, config.channels = info.sample_rate, info.channels
+                if info.channels > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:
+                    config.channels = 1  # downmixed while decoding
+                settings = parse_settings(config, self.detector.window_seconds)
+                audio = await asyncio.to_thread(
+                    _decoding, decode_container, request.audio, rate, settings.split,
+                    max_seconds, cancel)
             else:
-                parse_settings(config, self.detector.window_seconds)  # format errors first
+                settings = parse_settings(config, self.detector.window_seconds)
                 if not request.audio:
                     raise InvalidAudio("empty audio")
-                audio = pcm_from_bytes(request.audio, config.encoding, config.channels or 1)
-            settings = parse_settings(config, self.detector.window_seconds)
+                audio = await asyncio.to_thread(
+                    _decoding, decode_raw, request.audio, config.encoding, settings.sample_rate,
+                    settings.channels, rate, settings.split, max_seconds, cancel)
         except InvalidAudio as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not settings.split:
-            audio = audio.mean(axis=1, keepdims=True)
-        audio = resample(audio, settings.sample_rate, self.detector.sample_rate)
+        finally:
+            cancel.set()  # the caller is gone (or done): a decoding thread stops at its block
         attributor = None
         if not settings.split and self.diarization is not None:
             # a whole recording: diarize it offline first, then score per speaker
             attributor = await self.diarization.offline_attributor(audio[:, 0])
         session = self._session(config, attributor)
         response = pb.DetectResponse()
-        async for event in self._serve(session, _slices(audio, self.detector.sample_rate),
-                                       context):
+        async for event in self._serve(session, _slices(audio, rate), context):
             if event.HasField("window"):
                 response.windows.append(event.window)
             elif event.HasField("summary"):
@@ -166,8 +189,25 @@ async def _decoded(
     yield decoder.flush()
 
 
+def _decoding(decode: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+    """Run ``decode`` (in a worker thread), accounted in the Detect decoding metrics."""
+    metrics.DETECT_DECODING.inc()
+    started = time.perf_counter()
+    try:
+        return decode(*args)
+    except DecodeCancelled:
+        metrics.DETECT_CANCELLED.labels("decode").inc()
+        raise
+    finally:
+        metrics.DETECT_DECODE_SECONDS.observe(time.perf_counter() - started)
+        metrics.DETECT_DECODING.dec()
+
+
 async def _slices(audio: np.ndarray, rate: int) -> AsyncIterator[list[np.ndarray]]:
     step = int(DETECT_FEED_SECONDS * rate)
     for start in range(0, audio.shape[0], step):
         chunk = audio[start : start + step]
         yield [np.ascontiguousarray(chunk[:, ch]) for ch in range(chunk.shape[1])]
+        # silence submits no window, so nothing else would yield: let streams run between
+        # the slices of a long recording
+        await asyncio.sleep(0)
