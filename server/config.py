@@ -21,7 +21,15 @@ class ServerConfig:
     auth_token: str = ""  # empty: no auth
     tls_cert: str = ""
     tls_key: str = ""
-    max_streams: int = 200  # open streams beyond this get RESOURCE_EXHAUSTED
+    # Calls holding a slot (streams from their first message on, whether or not a config came
+    # yet, and Detect calls) beyond this get RESOURCE_EXHAUSTED
+    max_streams: int = 200
+    # Slots one client address may hold; 0: half of max_streams, so that one client (a
+    # runaway script, an abuser) cannot take every slot. A plugin host that is the only client
+    # sets it to max_streams.
+    max_streams_per_peer: int = 0
+    config_timeout_seconds: float = 10.0  # a stream without its StreamConfig by then is closed
+    idle_timeout_seconds: float = 60.0  # a stream whose client sends nothing this long is closed
     max_queue_depth: int = 2000  # windows waiting beyond this refuse new streams
     max_batch: int = 32
     max_wait_ms: float = 5.0
@@ -38,6 +46,11 @@ class ServerConfig:
     diarization_segmentation: str = ""  # segmentation .ckpt; "" = diarization/checkpoints
     diarization_pipeline: str = ""  # official pyannote pipeline directory for Detect
     diarization_step: float = 0.5  # seconds between two streaming diarization steps
+
+    @property
+    def peer_limit(self) -> int:
+        """Slots one client address may hold (``max_streams_per_peer``, 0: half the slots)."""
+        return self.max_streams_per_peer or max(1, self.max_streams // 2)
 
 
 DIARIZATION_CLI_DEFAULT = "auto"
@@ -67,6 +80,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--tls-cert", default=_env("tls_cert", d.tls_cert))
     p.add_argument("--tls-key", default=_env("tls_key", d.tls_key))
     p.add_argument("--max-streams", type=int, default=int(_env("max_streams", d.max_streams)))
+    p.add_argument("--max-streams-per-peer", type=int,
+                   default=int(_env("max_streams_per_peer", d.max_streams_per_peer)),
+                   help="slots one client address may hold (0: half of --max-streams)")
+    p.add_argument("--config-timeout-seconds", type=float,
+                   default=float(_env("config_timeout_seconds", d.config_timeout_seconds)),
+                   help="close a stream whose StreamConfig has not come by then")
+    p.add_argument("--idle-timeout-seconds", type=float,
+                   default=float(_env("idle_timeout_seconds", d.idle_timeout_seconds)),
+                   help="close a stream whose client sent nothing for this long")
     p.add_argument("--max-queue-depth", type=int,
                    default=int(_env("max_queue_depth", d.max_queue_depth)))
     p.add_argument("--max-batch", type=int, default=int(_env("max_batch", d.max_batch)))
@@ -94,6 +116,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    for name in ("config_timeout_seconds", "idle_timeout_seconds"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_streams_per_peer < 0:
+        p.error("--max-streams-per-peer must be 0 (half of --max-streams) or more")
     if args.max_detect_seconds <= 0:
         p.error("--max-detect-seconds must be positive")
     if not 0.25 <= args.diarization_step <= 1.0:

@@ -16,6 +16,11 @@ STREAMS_OPEN = Gauge("callshield_streams_open", "StreamDetect calls in progress"
 STREAMS_REJECTED = Counter(
     "callshield_streams_rejected_total", "Streams refused, by reason", ["reason"]
 )
+STREAMS_TIMED_OUT = Counter(
+    "callshield_streams_timed_out_total",
+    "Streams closed because their client sent nothing in time, by what was awaited",
+    ["awaited"],
+)
 WINDOWS_SCORED = Counter("callshield_windows_scored_total", "Windows scored")
 QUEUE_DEPTH = Gauge("callshield_queue_depth", "Windows accepted but not yet scored")
 BATCH_SIZE = Histogram(

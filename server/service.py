@@ -10,8 +10,9 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import grpc
@@ -41,6 +42,19 @@ DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices t
 log = structlog.get_logger("callshield.service")
 
 
+class ClientTimeout(Exception):
+    """The client kept a stream open without sending what it must (maps to DEADLINE_EXCEEDED)."""
+
+
+def peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``: a client's slots are counted per address,
+    whatever the number of connections or ports it opens."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return peer
+
+
 class DetectionServicer(pb_grpc.DetectionServiceServicer):
     def __init__(self, detector: Detector, queue: InferenceQueue, config: ServerConfig,
                  diarization: Diarization | None = None):
@@ -49,16 +63,40 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self.config = config
         self.diarization = diarization  # None: MIXED streams are one speaker
         self.sessions: dict[str, Session] = {}
+        #: calls holding a slot: streams from their first message on (a config or not), and
+        #: Detect calls from their arrival, in total and per client address
+        self.admitted = 0
+        self.admitted_by_peer: Counter[str] = Counter()
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
-        if len(self.sessions) >= self.config.max_streams:
+    @asynccontextmanager
+    async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Hold one slot for the whole call, or abort with RESOURCE_EXHAUSTED. A slot is taken
+        before the config is read, so streams that never send one count against the limits
+        (and are closed by ``--config-timeout-seconds``)."""
+        peer = peer_address(context.peer())
+        if self.admitted >= self.config.max_streams:
             metrics.STREAMS_REJECTED.labels("max_streams").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server at its limit of {self.config.max_streams} open streams")
+        if self.admitted_by_peer[peer] >= self.config.peer_limit:
+            metrics.STREAMS_REJECTED.labels("max_streams_per_peer").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client address holds {self.admitted_by_peer[peer]} open calls, the "
+                "per-client limit; close one first")
         if self.queue.depth() > self.config.max_queue_depth:
             metrics.STREAMS_REJECTED.labels("queue_depth").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "inference queue over capacity; retry later")
+        self.admitted += 1
+        self.admitted_by_peer[peer] += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self.admitted_by_peer[peer] -= 1
+            if not self.admitted_by_peer[peer]:
+                del self.admitted_by_peer[peer]
 
     def _session(self, config: pb.StreamConfig,
                  attributor: SpeakerAttributor | None = None) -> Session:
@@ -88,6 +126,9 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         except QueueUnavailable as exc:
             session.log.warning("queue unavailable", reason=str(exc))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"inference unavailable: {exc}")
+        except ClientTimeout as exc:
+            session.log.info("stream timed out", reason=str(exc))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         finally:
             del self.sessions[session.stream_id]
             metrics.STREAMS_OPEN.dec()
@@ -97,23 +138,33 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamDetectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        await self._admit(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "empty stream: the first request must carry a StreamConfig")
-        if first.WhichOneof("streaming_request") != "config":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first request must carry a StreamConfig (audio came first)")
-        try:
-            session = self._session(first.config)
-            decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
-                                    session.settings.channels, session.settings.split,
-                                    self.detector.sample_rate)
-        except InvalidAudio as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for response in self._serve(session, _decoded(request_iterator, decoder), context):
-            yield response
+        async with self._admit(context):
+            requests = aiter(request_iterator)
+            wait = self.config.config_timeout_seconds
+            try:
+                async with asyncio.timeout(wait):
+                    first = await anext(requests, None)
+            except TimeoutError:
+                metrics.STREAMS_TIMED_OUT.labels("config").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no StreamConfig within {wait:g} s of opening the stream")
+            if first is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "empty stream: the first request must carry a StreamConfig")
+            if first.WhichOneof("streaming_request") != "config":
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the first request must carry a StreamConfig (audio came first)")
+            try:
+                session = self._session(first.config)
+                decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
+                                        session.settings.channels, session.settings.split,
+                                        self.detector.sample_rate)
+            except InvalidAudio as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            source = _decoded(requests, decoder, self.config.idle_timeout_seconds)
+            async for response in self._serve(session, source, context):
+                yield response
 
     async def Detect(
         self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
@@ -122,7 +173,12 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         before decoding, decoding and resampling run block by block in a worker thread (the
         event loop keeps serving streams), and a client that cancels or whose deadline passes
         stops the decoding within one block (grpc.aio cancels this coroutine)."""
-        await self._admit(context)
+        async with self._admit(context):
+            return await self._detect(request, context)
+
+    async def _detect(
+        self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetectResponse:
         config = pb.StreamConfig()
         config.CopyFrom(request.config)
         config.interim_results = True  # Detect returns every window
@@ -177,9 +233,22 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
 
 
 async def _decoded(
-    requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder
+    requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder,
+    idle_seconds: float,
 ) -> AsyncIterator[list[np.ndarray]]:
-    async for request in requests:
+    """Decoded chunks of a stream. Only the wait for the client counts towards
+    ``idle_seconds``: while the session holds its reads back (flow control), no time runs."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                request = await anext(requests, None)
+        except TimeoutError:
+            metrics.STREAMS_TIMED_OUT.labels("idle").inc()
+            raise ClientTimeout(
+                f"no audio for {idle_seconds:g} s: send audio, or half-close the stream to end "
+                "it with its summary") from None
+        if request is None:
+            break
         kind = request.WhichOneof("streaming_request")
         if kind == "config":
             raise InvalidAudio("a second StreamConfig: only the first request carries one")
