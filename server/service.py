@@ -40,6 +40,9 @@ from server.speakers import Diarization
 
 DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
 log = structlog.get_logger("callshield.service")
+# With UNAVAILABLE while draining: clients whose retry policy covers UNAVAILABLE retry after
+# a second (by then a load balancer has seen health NOT_SERVING and routes elsewhere).
+DRAINING_METADATA = (("grpc-retry-pushback-ms", "1000"),)
 
 
 class ClientTimeout(Exception):
@@ -67,12 +70,31 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         #: Detect calls from their arrival, in total and per client address
         self.admitted = 0
         self.admitted_by_peer: Counter[str] = Counter()
+        self.idle = asyncio.Event()  # set while no call holds a slot (what a drain awaits)
+        self.idle.set()
+        #: the client side of each open stream, by stream id (a drain ends them)
+        self.inputs: dict[str, StreamInput] = {}
+        self.draining = False  # set by a drain: new calls get UNAVAILABLE
+
+    def end_streams(self) -> None:
+        """End every open stream's input as if its client had half-closed: each gets the
+        results of the audio it sent and its summary, then UNAVAILABLE."""
+        for source in self.inputs.values():
+            source.end()
+
+    async def _refuse_while_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            metrics.STREAMS_REJECTED.labels("draining").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server shutting down; retry on another instance",
+                                DRAINING_METADATA)
 
     @asynccontextmanager
     async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Hold one slot for the whole call, or abort with RESOURCE_EXHAUSTED. A slot is taken
         before the config is read, so streams that never send one count against the limits
         (and are closed by ``--config-timeout-seconds``)."""
+        await self._refuse_while_draining(context)
         peer = peer_address(context.peer())
         if self.admitted >= self.config.max_streams:
             metrics.STREAMS_REJECTED.labels("max_streams").inc()
@@ -90,6 +112,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                                 "inference queue over capacity; retry later")
         self.admitted += 1
         self.admitted_by_peer[peer] += 1
+        self.idle.clear()
         try:
             yield
         finally:
@@ -97,6 +120,8 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
             self.admitted_by_peer[peer] -= 1
             if not self.admitted_by_peer[peer]:
                 del self.admitted_by_peer[peer]
+            if not self.admitted:
+                self.idle.set()
 
     def _session(self, config: pb.StreamConfig,
                  attributor: SpeakerAttributor | None = None) -> Session:
@@ -162,9 +187,18 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                                         self.detector.sample_rate)
             except InvalidAudio as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            source = _decoded(requests, decoder, self.config.idle_timeout_seconds)
-            async for response in self._serve(session, source, context):
-                yield response
+            source = StreamInput(requests, decoder, self.config.idle_timeout_seconds)
+            self.inputs[session.stream_id] = source
+            try:
+                async for response in self._serve(session, source.chunks(), context):
+                    yield response
+            finally:
+                del self.inputs[session.stream_id]
+            if source.ended_by_server:  # the summary is out; say why the stream ended early
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "server shutting down: the stream was ended early, with its summary; "
+                    "continue on another instance", DRAINING_METADATA)
 
     async def Detect(
         self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
@@ -224,6 +258,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelResponse:
+        await self._refuse_while_draining(context)
         d = self.detector
         return pb.GetModelResponse(
             name=d.name, version=d.version, architecture=d.architecture,
@@ -232,30 +267,50 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         )
 
 
-async def _decoded(
-    requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder,
-    idle_seconds: float,
-) -> AsyncIterator[list[np.ndarray]]:
-    """Decoded chunks of a stream. Only the wait for the client counts towards
-    ``idle_seconds``: while the session holds its reads back (flow control), no time runs."""
-    while True:
-        try:
-            async with asyncio.timeout(idle_seconds):
-                request = await anext(requests, None)
-        except TimeoutError:
-            metrics.STREAMS_TIMED_OUT.labels("idle").inc()
-            raise ClientTimeout(
-                f"no audio for {idle_seconds:g} s: send audio, or half-close the stream to end "
-                "it with its summary") from None
-        if request is None:
-            break
-        kind = request.WhichOneof("streaming_request")
-        if kind == "config":
-            raise InvalidAudio("a second StreamConfig: only the first request carries one")
-        if kind is None:
-            raise InvalidAudio("a request with neither config nor audio")
-        yield decoder.decode(request.audio)
-    yield decoder.flush()
+class StreamInput:
+    """The client's side of a stream, decoded chunk by chunk (:meth:`chunks`).
+
+    Only the wait for the client counts towards ``idle_seconds``: while the session holds its
+    reads back (flow control), no time runs. :meth:`end` (a drain whose grace is over) stops
+    reading as if the client had half-closed, so the stream still ends with its summary.
+    """
+
+    def __init__(self, requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder,
+                 idle_seconds: float) -> None:
+        self.requests = requests
+        self.decoder = decoder
+        self.idle_seconds = idle_seconds
+        self.ended_by_server = False
+        self._waiting: asyncio.Timeout | None = None  # the wait for the client, if one runs
+
+    def end(self) -> None:
+        self.ended_by_server = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())  # fire it now
+
+    async def chunks(self) -> AsyncIterator[list[np.ndarray]]:
+        while not self.ended_by_server:
+            try:
+                async with asyncio.timeout(self.idle_seconds) as self._waiting:
+                    request = await anext(self.requests, None)
+            except TimeoutError:
+                if self.ended_by_server:
+                    break
+                metrics.STREAMS_TIMED_OUT.labels("idle").inc()
+                raise ClientTimeout(
+                    f"no audio for {self.idle_seconds:g} s: send audio, or half-close the "
+                    "stream to end it with its summary") from None
+            finally:
+                self._waiting = None
+            if request is None:
+                break
+            kind = request.WhichOneof("streaming_request")
+            if kind == "config":
+                raise InvalidAudio("a second StreamConfig: only the first request carries one")
+            if kind is None:
+                raise InvalidAudio("a request with neither config nor audio")
+            yield self.decoder.decode(request.audio)
+        yield self.decoder.flush()
 
 
 def _decoding(decode: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
