@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
@@ -29,6 +28,7 @@ from server.auth import BearerTokenInterceptor
 from server.config import ServerConfig
 from server.queue.base import InferenceQueue
 from server.queue.factory import make_queue
+from server.reflection import enable_server_reflection
 from server.service import DetectionServicer
 from server.speakers import load_diarization
 
@@ -119,8 +119,7 @@ async def start_server(
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(
             [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])

@@ -39,6 +39,8 @@ class ServerConfig:
     # before decoding: the 32 MiB message limit alone admits ~58 h of compressed silence
     max_detect_seconds: float = 3600.0
     log_level: str = "info"
+    log_call_ids: str = "plain"  # plain (safe characters, cut) or hash (keyed hash): logs.py
+    log_hash_key: str = ""  # key of the call id hash; "" = random per process
     # MIXED streams: off, on, or auto (on when the committed checkpoint and packages exist).
     # Off here so that embedding the server (tests, tools) stays light; `python -m server`
     # defaults to auto (see DIARIZATION_CLI_DEFAULT).
@@ -101,6 +103,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
                    default=float(_env("max_detect_seconds", d.max_detect_seconds)),
                    help="longest recording Detect accepts (longer: use StreamDetect)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    p.add_argument("--log-call-ids", choices=["plain", "hash"],
+                   default=_env("log_call_ids", d.log_call_ids),
+                   help="call ids in logs: plain (safe characters, at most 64) or hash "
+                        "(HMAC; use it when clients may send phone numbers as call ids)")
+    p.add_argument("--log-hash-key", default=_env("log_hash_key", d.log_hash_key),
+                   help="key of the call id hash (default: random per process); prefer "
+                        "the environment variable, which ps does not show")
     p.add_argument("--diarization", choices=["off", "on", "auto"],
                    default=_env("diarization", DIARIZATION_CLI_DEFAULT),
                    help="diarize MIXED streams (auto: when the checkpoint exists)")

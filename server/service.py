@@ -33,6 +33,7 @@ from server.audio import (
     decode_raw,
 )
 from server.config import ServerConfig
+from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, QueueUnavailable
 from server.session import Session, SpeakerAttributor
 from server.settings import parse_settings
@@ -75,6 +76,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         #: the client side of each open stream, by stream id (a drain ends them)
         self.inputs: dict[str, StreamInput] = {}
         self.draining = False  # set by a drain: new calls get UNAVAILABLE
+        self.call_id_logging = CallIdLogging.from_flags(config.log_call_ids, config.log_hash_key)
 
     def end_streams(self) -> None:
         """End every open stream's input as if its client had half-closed: each gets the
@@ -131,7 +133,8 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         if attributor is None and not settings.split and self.diarization is not None:
             attributor = self.diarization.stream_attributor()
         return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
-                       max_inflight=self.config.max_inflight_per_stream, attributor=attributor)
+                       max_inflight=self.config.max_inflight_per_stream, attributor=attributor,
+                       call_id_logging=self.call_id_logging)
 
     async def _serve(
         self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],
