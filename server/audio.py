@@ -111,13 +111,20 @@ class DecodeCancelled(Exception):
     """The caller gave up (client cancelled, deadline passed) while a recording was decoded."""
 
 
+# libsndfile's frame count when the header does not say (a FLAC written to a pipe has 0
+# total samples in its STREAMINFO)
+UNKNOWN_FRAMES = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class ContainerInfo:
     """What a WAV or FLAC header says, read without decoding the samples."""
 
     sample_rate: int
     channels: int
-    frames: int
+    frames: int | None  # None: the header does not say
+
+
 
 
 def _unreadable(exc: BaseException) -> InvalidAudio:
@@ -140,6 +147,17 @@ def check_duration(frames: int, rate: int, max_seconds: float) -> None:
             "send longer recordings with StreamDetect")
 
 
+def check_header_duration(frames: int | None, rate: int, max_seconds: float) -> None:
+    """:func:`check_duration` on a header's frame count. A header without one is refused:
+    libsndfile cannot read such a FLAC to its end from memory (it fails seeking past the last
+    frame), and the limit could only be enforced while decoding."""
+    if frames is None or frames == UNKNOWN_FRAMES:
+        raise InvalidAudio(
+            "the file's header does not give its length (a FLAC written to a pipe?); "
+            "rewrite it with its length, or send raw samples with a config")
+    check_duration(frames, rate, max_seconds)
+
+
 def container_info(data: bytes) -> ContainerInfo:
     """The header of WAV or FLAC bytes; cheap whatever the length of the recording."""
     import io
@@ -152,7 +170,9 @@ def container_info(data: bytes) -> ContainerInfo:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise _unreadable(exc) from None
-    return ContainerInfo(int(info.samplerate), int(info.channels), int(info.frames))
+    frames = int(info.frames)
+    return ContainerInfo(int(info.samplerate), int(info.channels),
+                         None if frames == UNKNOWN_FRAMES else frames)
 
 
 class BlockResampler:
@@ -201,7 +221,7 @@ def decode_container(
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             rate, channels = int(f.samplerate), int(f.channels)
-            check_duration(f.frames, rate, max_seconds)
+            check_header_duration(f.frames, rate, max_seconds)
             out = BlockResampler(rate, rate_out, channels, split)
             block_frames = int(DECODE_BLOCK_SECONDS * rate)
             total = 0

@@ -27,7 +27,7 @@ from server.audio import (
     DecodeCancelled,
     InvalidAudio,
     StreamDecoder,
-    check_duration,
+    check_header_duration,
     container_info,
     decode_container,
     decode_raw,
@@ -225,7 +225,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         try:
             if config.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
                 info = container_info(request.audio)
-                check_duration(info.frames, info.sample_rate, max_seconds)  # before decoding
+                check_header_duration(info.frames, info.sample_rate, max_seconds)
                 config.encoding = pb.AUDIO_ENCODING_LINEAR16
                 config.sample_rate_hz, config.channels = info.sample_rate, info.channels
                 if info.channels > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:

@@ -147,3 +147,18 @@ def test_detect_decoding_block_by_block_equals_whole_recording_resampling() -> N
     cancel.set()
     with pytest.raises(DecodeCancelled):
         decode_container(buffer.getvalue(), 8000, True, 3600, cancel)
+
+
+def test_flac_without_a_length_in_its_header_is_refused_cleanly() -> None:
+    """A FLAC written to a pipe has 0 total samples in its STREAMINFO (libsndfile reports an
+    unknown length and fails seeking past its last frame): refused with a message that says
+    why, before any decoding."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, _pcm(8000 * 30), 8000, format="FLAC", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    # "fLaC", a 4-byte block header, then STREAMINFO: 36 bits of total samples from byte 21
+    data[21] &= 0xF0
+    data[22:26] = b"\0\0\0\0"
+    assert soundfile.info(io.BytesIO(bytes(data))).frames == 2**63 - 1
+    with pytest.raises(InvalidAudio, match="header does not give its length"):
+        decode_container(bytes(data), 8000, False, 3600)
