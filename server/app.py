@@ -1,8 +1,11 @@
 """Building, running and draining the grpc.aio server around the servicer.
 
 Health follows the queue (NOT_SERVING while no worker or broker can take jobs), so load
-balancers route new calls elsewhere; shutdown first turns health NOT_SERVING, then lets open
-streams finish for ``grace_seconds`` before cancelling them.
+balancers route new calls elsewhere. A drain (SIGTERM) keeps the listener open so that this is
+observable: health turns NOT_SERVING first and new calls get UNAVAILABLE from the servicer;
+calls in flight get ``grace_seconds`` to end by themselves; streams still open then are ended
+by the server as if their client had half-closed (results, summary, then UNAVAILABLE), within
+``DRAIN_SUMMARY_SECONDS``; only then does the listener close and what is left get cancelled.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
@@ -26,11 +28,15 @@ from server.auth import BearerTokenInterceptor
 from server.config import ServerConfig
 from server.queue.base import InferenceQueue
 from server.queue.factory import make_queue
+from server.reflection import enable_server_reflection
 from server.service import DetectionServicer
 from server.speakers import load_diarization
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DetectionService"].full_name
 HEALTH_POLL_SECONDS = 1.0
+# After the grace: streams ended by the server have this long to send their last results and
+# summary before whatever remains is cancelled
+DRAIN_SUMMARY_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect takes whole recordings
 log = structlog.get_logger("callshield.app")
 
@@ -44,14 +50,33 @@ class RunningServer:
     health: health.aio.HealthServicer
     _watcher: asyncio.Task[None]
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop taking calls, drain open streams for ``grace`` seconds, close the queue."""
-        await self.health.enter_graceful_shutdown()
+    async def stop(self, grace: float = 0.0) -> None:
+        """Drain (see the module docstring) for ``grace`` seconds, then close the queue;
+        ``grace`` 0 cancels open calls at once."""
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, and it stays so
         self._watcher.cancel()
         with suppress(asyncio.CancelledError):
             await self._watcher
-        await self.server.stop(grace)
+        servicer = self.servicer
+        servicer.draining = True
+        if grace > 0:
+            if not await _wait(servicer.idle, grace):
+                log.info("drain grace over", open_streams=len(servicer.inputs),
+                         open_calls=servicer.admitted)
+                servicer.end_streams()
+                await _wait(servicer.idle, DRAIN_SUMMARY_SECONDS)
+        await self.server.stop(0)
         await self.queue.close()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` was set within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _watch_health(
@@ -94,8 +119,7 @@ async def start_server(
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(
             [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
@@ -123,7 +147,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining", open_streams=len(running.servicer.sessions),
-             grace_seconds=config.grace_seconds)
+    log.info("draining", open_streams=len(running.servicer.inputs),
+             open_calls=running.servicer.admitted, grace_seconds=config.grace_seconds)
     await running.stop(config.grace_seconds)
     log.info("stopped")

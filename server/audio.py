@@ -7,6 +7,9 @@ rate, so every chunk is decoded and resampled here as it arrives. Resampling is 
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+
 import numpy as np
 import soxr
 
@@ -104,8 +107,59 @@ class StreamDecoder:
         return self.frames_in / self.sample_rate
 
 
-def read_container(data: bytes) -> tuple[np.ndarray, int]:
-    """WAV or FLAC bytes -> float32 ``(frames, channels)`` and the file's sample rate."""
+class DecodeCancelled(Exception):
+    """The caller gave up (client cancelled, deadline passed) while a recording was decoded."""
+
+
+# libsndfile's frame count when the header does not say (a FLAC written to a pipe has 0
+# total samples in its STREAMINFO)
+UNKNOWN_FRAMES = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What a WAV or FLAC header says, read without decoding the samples."""
+
+    sample_rate: int
+    channels: int
+    frames: int | None  # None: the header does not say
+
+
+
+
+def _unreadable(exc: BaseException) -> InvalidAudio:
+    """libsndfile's reason without soundfile's prefix, which holds the repr of the file object
+    (``Error opening <_io.BytesIO object at 0x...>``): a client must not see server internals."""
+    import soundfile
+
+    reason = exc.error_string if isinstance(exc, soundfile.LibsndfileError) else ""
+    return InvalidAudio(
+        "audio is not a readable WAV or FLAC file"
+        + (f" ({reason.rstrip('.')})" if reason else "")
+        + "; for raw samples set config.encoding, sample_rate_hz and channels")
+
+
+def check_duration(frames: int, rate: int, max_seconds: float) -> None:
+    """Refuse a recording longer than ``max_seconds`` (``--max-detect-seconds``)."""
+    if frames > max_seconds * rate:
+        raise InvalidAudio(
+            f"audio lasts {frames / rate:.0f} s, over the {max_seconds:g} s limit of Detect; "
+            "send longer recordings with StreamDetect")
+
+
+def check_header_duration(frames: int | None, rate: int, max_seconds: float) -> None:
+    """:func:`check_duration` on a header's frame count. A header without one is refused:
+    libsndfile cannot read such a FLAC to its end from memory (it fails seeking past the last
+    frame), and the limit could only be enforced while decoding."""
+    if frames is None or frames == UNKNOWN_FRAMES:
+        raise InvalidAudio(
+            "the file's header does not give its length (a FLAC written to a pipe?); "
+            "rewrite it with its length, or send raw samples with a config")
+    check_duration(frames, rate, max_seconds)
+
+
+def container_info(data: bytes) -> ContainerInfo:
+    """The header of WAV or FLAC bytes; cheap whatever the length of the recording."""
     import io
 
     import soundfile
@@ -113,19 +167,101 @@ def read_container(data: bytes) -> tuple[np.ndarray, int]:
     if not data:
         raise InvalidAudio("empty audio: send WAV or FLAC bytes, or raw samples with a config")
     try:
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidAudio(
-            f"audio is not a readable WAV or FLAC file ({exc}); for raw samples set "
-            "config.encoding, sample_rate_hz and channels"
-        ) from None
-    if audio.shape[0] == 0:
+        raise _unreadable(exc) from None
+    frames = int(info.frames)
+    return ContainerInfo(int(info.samplerate), int(info.channels),
+                         None if frames == UNKNOWN_FRAMES else frames)
+
+
+class BlockResampler:
+    """Float blocks ``(frames, channels)`` at one rate -> one waveform per output channel at
+    another, downmixed unless ``split``. Streaming (soxr keeps its state between blocks), so a
+    whole recording is never held at its source rate: memory is what the model will score."""
+
+    def __init__(self, rate_in: int, rate_out: int, channels: int, split: bool) -> None:
+        self.split = split
+        outputs = channels if split else 1
+        self._resamplers = [
+            soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32", quality="HQ")
+            if rate_in != rate_out else None
+            for _ in range(outputs)
+        ]
+        self._parts: list[list[np.ndarray]] = [[] for _ in range(outputs)]
+
+    def push(self, block: np.ndarray, last: bool = False) -> None:
+        mono = block if self.split else block.mean(axis=1, keepdims=True, dtype=np.float32)
+        for ch, resampler in enumerate(self._resamplers):
+            x = np.ascontiguousarray(mono[:, ch], dtype=np.float32)
+            self._parts[ch].append(x if resampler is None else resampler.resample_chunk(x, last))
+
+    def result(self) -> np.ndarray:
+        """Everything pushed, flushed: float32 ``(frames, outputs)``."""
+        self.push(np.zeros((0, 1 if not self.split else len(self._resamplers)), np.float32),
+                  last=True)
+        return np.stack([np.concatenate(part) for part in self._parts], axis=1)
+
+
+DECODE_BLOCK_SECONDS = 10.0  # a cancelled Detect stops decoding within one block
+
+
+def decode_container(
+    data: bytes, rate_out: int, split: bool, max_seconds: float,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """WAV or FLAC bytes -> float32 ``(frames, outputs)`` at ``rate_out``, decoded block by
+    block: stops with :class:`InvalidAudio` as soon as more than ``max_seconds`` came out
+    (whatever the header claimed), and with :class:`DecodeCancelled` once ``cancel`` is set.
+    Blocking: run it in a worker thread."""
+    import io
+
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate, channels = int(f.samplerate), int(f.channels)
+            check_header_duration(f.frames, rate, max_seconds)
+            out = BlockResampler(rate, rate_out, channels, split)
+            block_frames = int(DECODE_BLOCK_SECONDS * rate)
+            total = 0
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise DecodeCancelled
+                block = f.read(block_frames, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                total += block.shape[0]
+                check_duration(total, rate, max_seconds)  # whatever the header said
+                out.push(block)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidAudio):
+            raise
+        raise _unreadable(exc) from None
+    if total == 0:
         raise InvalidAudio("the audio file holds no samples")
-    return audio, int(rate)
+    return out.result()
 
 
-def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Whole-recording resampling of ``(frames, channels)`` audio."""
-    if rate_in == rate_out:
-        return audio
-    return np.asarray(soxr.resample(audio, rate_in, rate_out, quality="HQ"), dtype=np.float32)
+def decode_raw(
+    data: bytes, encoding: int, rate_in: int, channels: int, rate_out: int, split: bool,
+    max_seconds: float, cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """Raw encoded samples (a Detect with a config) -> like :func:`decode_container`; the
+    duration is known from the byte count, so an over-long payload is refused before any
+    decoding."""
+    name, width = ENCODINGS[encoding]
+    frame_bytes = width * channels
+    if len(data) % frame_bytes:
+        raise InvalidAudio(
+            f"{len(data)} bytes is not a whole number of {name} frames "
+            f"({frame_bytes} bytes each for {channels} channel(s))"
+        )
+    check_duration(len(data) // frame_bytes, rate_in, max_seconds)
+    out = BlockResampler(rate_in, rate_out, channels, split)
+    step = int(DECODE_BLOCK_SECONDS * rate_in) * frame_bytes
+    for start in range(0, len(data), step):
+        if cancel is not None and cancel.is_set():
+            raise DecodeCancelled
+        out.push(pcm_from_bytes(data[start : start + step], encoding, channels))
+    return out.result()

@@ -1,15 +1,60 @@
 """structlog as one JSON object per line on stderr, the shape log shippers expect.
 
-Loggers bind call and stream ids; no code path logs audio, and the API never receives caller
-numbers (a ``call_id`` is the caller's own reference).
+Loggers bind call and stream ids; no code path logs audio. A ``call_id`` is the client's own
+reference and may be anything up to 128 characters, a caller's phone number included, so it is
+logged through :class:`CallIdLogging`: characters outside a safe set are replaced (no control
+characters, newlines or terminal escapes reach a log line) and it is cut to
+``MAX_LOGGED_CALL_ID`` characters; or, with ``--log-call-ids hash``, only a keyed hash of it is
+logged, which still ties together the lines of one call.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
+import secrets
 import sys
+from dataclasses import dataclass, field
 
 import structlog
+
+MAX_LOGGED_CALL_ID = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:@+=/#-]")
+CALL_ID_LOGGING = ("plain", "hash")
+
+
+@dataclass(frozen=True)
+class CallIdLogging:
+    """How a client's ``call_id`` appears in logs (the API's responses keep it unchanged).
+
+    ``plain``: the safe characters (letters, digits, ``._:@+=/#-``; others become ``_``), at
+    most ``MAX_LOGGED_CALL_ID`` of them (a longer one ends with ``~``). ``hash``: ``h-`` and 16
+    hex digits of HMAC-SHA256 under ``key``; without a key, a random one per process (lines
+    correlate within one process only; set ``--log-hash-key`` on every server to correlate
+    across them). A key keeps a phone number from being recovered by hashing every number.
+    """
+
+    mode: str = "plain"
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in CALL_ID_LOGGING:
+            raise ValueError(f"call id logging must be one of {CALL_ID_LOGGING}")
+
+    def __call__(self, call_id: str) -> str:
+        if self.mode == "hash":
+            digest = hmac.new(self.key, call_id.encode(), hashlib.sha256).hexdigest()
+            return f"h-{digest[:16]}"
+        safe = _UNSAFE.sub("_", call_id)
+        if len(safe) > MAX_LOGGED_CALL_ID:
+            safe = safe[: MAX_LOGGED_CALL_ID - 1] + "~"
+        return safe
+
+    @classmethod
+    def from_flags(cls, mode: str, key: str) -> CallIdLogging:
+        return cls(mode, key.encode()) if key else cls(mode)
 
 
 def configure(level: str = "info") -> None:

@@ -16,6 +16,11 @@ STREAMS_OPEN = Gauge("callshield_streams_open", "StreamDetect calls in progress"
 STREAMS_REJECTED = Counter(
     "callshield_streams_rejected_total", "Streams refused, by reason", ["reason"]
 )
+STREAMS_TIMED_OUT = Counter(
+    "callshield_streams_timed_out_total",
+    "Streams closed because their client sent nothing in time, by what was awaited",
+    ["awaited"],
+)
 WINDOWS_SCORED = Counter("callshield_windows_scored_total", "Windows scored")
 QUEUE_DEPTH = Gauge("callshield_queue_depth", "Windows accepted but not yet scored")
 BATCH_SIZE = Histogram(
@@ -31,6 +36,18 @@ WINDOW_LATENCY_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 ALERTS = Counter("callshield_alerts_total", "Spoof alerts raised")
+DETECT_DECODING = Gauge(
+    "callshield_detect_decoding", "Detect recordings being decoded and resampled now")
+DETECT_DECODE_SECONDS = Histogram(
+    "callshield_detect_decode_seconds",
+    "Decoding and resampling one Detect recording (refused and cancelled ones included)",
+    buckets=LATENCY_BUCKETS + (30.0, 60.0),
+)
+DETECT_CANCELLED = Counter(
+    "callshield_detect_cancelled_total",
+    "Detect work stopped early because the client cancelled or its deadline passed, by stage",
+    ["stage"],
+)
 
 
 def observe_batch(size: int, seconds: float) -> None:

@@ -6,9 +6,14 @@ requests into sessions and exceptions into the documented gRPC statuses.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,8 +23,17 @@ from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
-from server.audio import InvalidAudio, StreamDecoder, pcm_from_bytes, read_container, resample
+from server.audio import (
+    DecodeCancelled,
+    InvalidAudio,
+    StreamDecoder,
+    check_header_duration,
+    container_info,
+    decode_container,
+    decode_raw,
+)
 from server.config import ServerConfig
+from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, QueueUnavailable
 from server.session import Session, SpeakerAttributor
 from server.settings import parse_settings
@@ -27,6 +41,22 @@ from server.speakers import Diarization
 
 DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
 log = structlog.get_logger("callshield.service")
+# With UNAVAILABLE while draining: clients whose retry policy covers UNAVAILABLE retry after
+# a second (by then a load balancer has seen health NOT_SERVING and routes elsewhere).
+DRAINING_METADATA = (("grpc-retry-pushback-ms", "1000"),)
+
+
+class ClientTimeout(Exception):
+    """The client kept a stream open without sending what it must (maps to DEADLINE_EXCEEDED)."""
+
+
+def peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``: a client's slots are counted per address,
+    whatever the number of connections or ports it opens."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return peer
 
 
 class DetectionServicer(pb_grpc.DetectionServiceServicer):
@@ -37,16 +67,63 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self.config = config
         self.diarization = diarization  # None: MIXED streams are one speaker
         self.sessions: dict[str, Session] = {}
+        #: calls holding a slot: streams from their first message on (a config or not), and
+        #: Detect calls from their arrival, in total and per client address
+        self.admitted = 0
+        self.admitted_by_peer: Counter[str] = Counter()
+        self.idle = asyncio.Event()  # set while no call holds a slot (what a drain awaits)
+        self.idle.set()
+        #: the client side of each open stream, by stream id (a drain ends them)
+        self.inputs: dict[str, StreamInput] = {}
+        self.draining = False  # set by a drain: new calls get UNAVAILABLE
+        self.call_id_logging = CallIdLogging.from_flags(config.log_call_ids, config.log_hash_key)
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
-        if len(self.sessions) >= self.config.max_streams:
+    def end_streams(self) -> None:
+        """End every open stream's input as if its client had half-closed: each gets the
+        results of the audio it sent and its summary, then UNAVAILABLE."""
+        for source in self.inputs.values():
+            source.end()
+
+    async def _refuse_while_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            metrics.STREAMS_REJECTED.labels("draining").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server shutting down; retry on another instance",
+                                DRAINING_METADATA)
+
+    @asynccontextmanager
+    async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Hold one slot for the whole call, or abort with RESOURCE_EXHAUSTED. A slot is taken
+        before the config is read, so streams that never send one count against the limits
+        (and are closed by ``--config-timeout-seconds``)."""
+        await self._refuse_while_draining(context)
+        peer = peer_address(context.peer())
+        if self.admitted >= self.config.max_streams:
             metrics.STREAMS_REJECTED.labels("max_streams").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server at its limit of {self.config.max_streams} open streams")
+        if self.admitted_by_peer[peer] >= self.config.peer_limit:
+            metrics.STREAMS_REJECTED.labels("max_streams_per_peer").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client address holds {self.admitted_by_peer[peer]} open calls, the "
+                "per-client limit; close one first")
         if self.queue.depth() > self.config.max_queue_depth:
             metrics.STREAMS_REJECTED.labels("queue_depth").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "inference queue over capacity; retry later")
+        self.admitted += 1
+        self.admitted_by_peer[peer] += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self.admitted_by_peer[peer] -= 1
+            if not self.admitted_by_peer[peer]:
+                del self.admitted_by_peer[peer]
+            if not self.admitted:
+                self.idle.set()
 
     def _session(self, config: pb.StreamConfig,
                  attributor: SpeakerAttributor | None = None) -> Session:
@@ -56,7 +133,8 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         if attributor is None and not settings.split and self.diarization is not None:
             attributor = self.diarization.stream_attributor()
         return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
-                       max_inflight=self.config.max_inflight_per_stream, attributor=attributor)
+                       max_inflight=self.config.max_inflight_per_stream, attributor=attributor,
+                       call_id_logging=self.call_id_logging)
 
     async def _serve(
         self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],
@@ -76,6 +154,9 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         except QueueUnavailable as exc:
             session.log.warning("queue unavailable", reason=str(exc))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"inference unavailable: {exc}")
+        except ClientTimeout as exc:
+            session.log.info("stream timed out", reason=str(exc))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         finally:
             del self.sessions[session.stream_id]
             metrics.STREAMS_OPEN.dec()
@@ -85,57 +166,92 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamDetectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        await self._admit(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "empty stream: the first request must carry a StreamConfig")
-        if first.WhichOneof("streaming_request") != "config":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first request must carry a StreamConfig (audio came first)")
-        try:
-            session = self._session(first.config)
-            decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
-                                    session.settings.channels, session.settings.split,
-                                    self.detector.sample_rate)
-        except InvalidAudio as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for response in self._serve(session, _decoded(request_iterator, decoder), context):
-            yield response
+        async with self._admit(context):
+            requests = aiter(request_iterator)
+            wait = self.config.config_timeout_seconds
+            try:
+                async with asyncio.timeout(wait):
+                    first = await anext(requests, None)
+            except TimeoutError:
+                metrics.STREAMS_TIMED_OUT.labels("config").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no StreamConfig within {wait:g} s of opening the stream")
+            if first is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "empty stream: the first request must carry a StreamConfig")
+            if first.WhichOneof("streaming_request") != "config":
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the first request must carry a StreamConfig (audio came first)")
+            try:
+                session = self._session(first.config)
+                decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
+                                        session.settings.channels, session.settings.split,
+                                        self.detector.sample_rate)
+            except InvalidAudio as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            source = StreamInput(requests, decoder, self.config.idle_timeout_seconds)
+            self.inputs[session.stream_id] = source
+            try:
+                async for response in self._serve(session, source.chunks(), context):
+                    yield response
+            finally:
+                del self.inputs[session.stream_id]
+            if source.ended_by_server:  # the summary is out; say why the stream ended early
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "server shutting down: the stream was ended early, with its summary; "
+                    "continue on another instance", DRAINING_METADATA)
 
     async def Detect(
         self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetectResponse:
-        await self._admit(context)
+        """A whole recording. Its duration is checked from the header (or the byte count)
+        before decoding, decoding and resampling run block by block in a worker thread (the
+        event loop keeps serving streams), and a client that cancels or whose deadline passes
+        stops the decoding within one block (grpc.aio cancels this coroutine)."""
+        async with self._admit(context):
+            return await self._detect(request, context)
+
+    async def _detect(
+        self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetectResponse:
         config = pb.StreamConfig()
         config.CopyFrom(request.config)
         config.interim_results = True  # Detect returns every window
+        max_seconds = self.config.max_detect_seconds
+        rate = self.detector.sample_rate
+        cancel = threading.Event()
         try:
             if config.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
-                audio, rate = read_container(request.audio)
-                config.encoding, config.sample_rate_hz = pb.AUDIO_ENCODING_LINEAR16, rate
-                config.channels = audio.shape[1]
-                if audio.shape[1] > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:
-                    audio, config.channels = audio.mean(axis=1, keepdims=True), 1
+                info = container_info(request.audio)
+                check_header_duration(info.frames, info.sample_rate, max_seconds)
+                config.encoding = pb.AUDIO_ENCODING_LINEAR16
+                config.sample_rate_hz, config.channels = info.sample_rate, info.channels
+                if info.channels > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:
+                    config.channels = 1  # downmixed while decoding
+                settings = parse_settings(config, self.detector.window_seconds)
+                audio = await asyncio.to_thread(
+                    _decoding, decode_container, request.audio, rate, settings.split,
+                    max_seconds, cancel)
             else:
-                parse_settings(config, self.detector.window_seconds)  # format errors first
+                settings = parse_settings(config, self.detector.window_seconds)
                 if not request.audio:
                     raise InvalidAudio("empty audio")
-                audio = pcm_from_bytes(request.audio, config.encoding, config.channels or 1)
-            settings = parse_settings(config, self.detector.window_seconds)
+                audio = await asyncio.to_thread(
+                    _decoding, decode_raw, request.audio, config.encoding, settings.sample_rate,
+                    settings.channels, rate, settings.split, max_seconds, cancel)
         except InvalidAudio as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not settings.split:
-            audio = audio.mean(axis=1, keepdims=True)
-        audio = resample(audio, settings.sample_rate, self.detector.sample_rate)
+        finally:
+            cancel.set()  # the caller is gone (or done): a decoding thread stops at its block
         attributor = None
         if not settings.split and self.diarization is not None:
             # a whole recording: diarize it offline first, then score per speaker
             attributor = await self.diarization.offline_attributor(audio[:, 0])
         session = self._session(config, attributor)
         response = pb.DetectResponse()
-        async for event in self._serve(session, _slices(audio, self.detector.sample_rate),
-                                       context):
+        async for event in self._serve(session, _slices(audio, rate), context):
             if event.HasField("window"):
                 response.windows.append(event.window)
             elif event.HasField("summary"):
@@ -145,6 +261,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelResponse:
+        await self._refuse_while_draining(context)
         d = self.detector
         return pb.GetModelResponse(
             name=d.name, version=d.version, architecture=d.architecture,
@@ -153,17 +270,64 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         )
 
 
-async def _decoded(
-    requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder
-) -> AsyncIterator[list[np.ndarray]]:
-    async for request in requests:
-        kind = request.WhichOneof("streaming_request")
-        if kind == "config":
-            raise InvalidAudio("a second StreamConfig: only the first request carries one")
-        if kind is None:
-            raise InvalidAudio("a request with neither config nor audio")
-        yield decoder.decode(request.audio)
-    yield decoder.flush()
+class StreamInput:
+    """The client's side of a stream, decoded chunk by chunk (:meth:`chunks`).
+
+    Only the wait for the client counts towards ``idle_seconds``: while the session holds its
+    reads back (flow control), no time runs. :meth:`end` (a drain whose grace is over) stops
+    reading as if the client had half-closed, so the stream still ends with its summary.
+    """
+
+    def __init__(self, requests: AsyncIterator[pb.StreamDetectRequest], decoder: StreamDecoder,
+                 idle_seconds: float) -> None:
+        self.requests = requests
+        self.decoder = decoder
+        self.idle_seconds = idle_seconds
+        self.ended_by_server = False
+        self._waiting: asyncio.Timeout | None = None  # the wait for the client, if one runs
+
+    def end(self) -> None:
+        self.ended_by_server = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())  # fire it now
+
+    async def chunks(self) -> AsyncIterator[list[np.ndarray]]:
+        while not self.ended_by_server:
+            try:
+                async with asyncio.timeout(self.idle_seconds) as self._waiting:
+                    request = await anext(self.requests, None)
+            except TimeoutError:
+                if self.ended_by_server:
+                    break
+                metrics.STREAMS_TIMED_OUT.labels("idle").inc()
+                raise ClientTimeout(
+                    f"no audio for {self.idle_seconds:g} s: send audio, or half-close the "
+                    "stream to end it with its summary") from None
+            finally:
+                self._waiting = None
+            if request is None:
+                break
+            kind = request.WhichOneof("streaming_request")
+            if kind == "config":
+                raise InvalidAudio("a second StreamConfig: only the first request carries one")
+            if kind is None:
+                raise InvalidAudio("a request with neither config nor audio")
+            yield self.decoder.decode(request.audio)
+        yield self.decoder.flush()
+
+
+def _decoding(decode: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+    """Run ``decode`` (in a worker thread), accounted in the Detect decoding metrics."""
+    metrics.DETECT_DECODING.inc()
+    started = time.perf_counter()
+    try:
+        return decode(*args)
+    except DecodeCancelled:
+        metrics.DETECT_CANCELLED.labels("decode").inc()
+        raise
+    finally:
+        metrics.DETECT_DECODE_SECONDS.observe(time.perf_counter() - started)
+        metrics.DETECT_DECODING.dec()
 
 
 async def _slices(audio: np.ndarray, rate: int) -> AsyncIterator[list[np.ndarray]]:
@@ -171,3 +335,6 @@ async def _slices(audio: np.ndarray, rate: int) -> AsyncIterator[list[np.ndarray
     for start in range(0, audio.shape[0], step):
         chunk = audio[start : start + step]
         yield [np.ascontiguousarray(chunk[:, ch]) for ch in range(chunk.shape[1])]
+        # silence submits no window, so nothing else would yield: let streams run between
+        # the slices of a long recording
+        await asyncio.sleep(0)

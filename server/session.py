@@ -23,6 +23,7 @@ import structlog
 from callshield.v1 import detection_pb2 as pb
 from server import metrics
 from server.aggregation import CallAggregator
+from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, WindowJob, WindowScore
 from server.settings import StreamSettings
 from server.windowing import Window, Windower
@@ -85,6 +86,7 @@ class Session:
         self, settings: StreamSettings, queue: InferenceQueue, model_rate: int,
         stream_id: str, max_inflight: int = 8,
         attributor: SpeakerAttributor | None = None,
+        call_id_logging: CallIdLogging | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -99,8 +101,9 @@ class Session:
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: asyncio.Queue[_Pending | _Failed | object] = asyncio.Queue()
         self._job_ids = itertools.count()
+        logged_id = (call_id_logging or CallIdLogging())(settings.call_id)
         self.log = structlog.get_logger("callshield.session").bind(
-            call_id=settings.call_id, stream_id=stream_id)
+            call_id=logged_id, stream_id=stream_id)
 
     @property
     def audio_seconds(self) -> float:

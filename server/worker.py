@@ -11,13 +11,22 @@ have been idle ``claim_idle_ms`` and retry them up to ``max_attempts`` deliverie
 the server gets an error result instead of waiting forever.
 
 Liveness: ``worker:{model}:{id}`` is SET with a TTL every third of it; the server's health check
-counts the keys still alive. SIGTERM or SIGINT: finish the batch in hand, acknowledge, exit.
+counts the keys still alive. The heartbeat is refreshed only while the read loop is working (its
+last Redis round trip succeeded), so a worker stuck on an error stops counting as alive instead
+of keeping health SERVING. SIGTERM or SIGINT: finish the batch in hand, acknowledge, exit.
+
+Redis faults: a restarted Redis (no persistence) has lost the job stream and the consumer group;
+``XREADGROUP`` then answers ``NOGROUP``, and the worker recreates both (``XGROUP CREATE ...
+MKSTREAM``) at once rather than retrying the read forever. Connection errors are retried by the
+loop itself with a backoff capped at ``MAX_BACKOFF_S``, not by redis-py (whose default retries
+take seconds each), so a worker is back within about a second of Redis.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +38,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from models.inference import Detector, load_detector
@@ -36,7 +47,14 @@ from server import metrics
 from server.batching import score_jobs
 from server.logs import configure
 from server.queue.base import WindowJob, WindowScore
-from server.queue.redis_queue import GROUP, RedisKeys, _safe_url, _text, decode_audio
+from server.queue.redis_queue import (
+    GROUP,
+    RedisKeys,
+    _safe_url,
+    _text,
+    decode_audio,
+    ensure_group,
+)
 
 log = structlog.get_logger("callshield.worker")
 
@@ -46,6 +64,13 @@ JOBS = Counter("callshield_worker_jobs_total", "Windows a Redis worker answered"
 RECLAIMED = Counter("callshield_worker_reclaimed_total", "Jobs taken over from dead workers")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+MAX_BACKOFF_S = 1.0  # longest wait between two attempts while Redis is unreachable
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Redis lost the stream or its consumer group (a restart without persistence, a FLUSHALL,
+    an XGROUP DESTROY): recreate them rather than retry."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
 @dataclass
@@ -94,11 +119,16 @@ class Worker:
         self.config = config
         self.detector = detector
         self.keys = RedisKeys(config.model, config.prefix)
+        # No redis-py retries: the loop below retries with its own short backoff.
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             config.redis_url, socket_connect_timeout=2.0,
-            socket_timeout=config.block_ms / 1000 + 5.0)
+            socket_timeout=config.block_ms / 1000 + 5.0, retry=Retry(NoBackoff(), 0))
         self.batches = 0
         self.jobs_done = 0
+        self.groups_created = 0
+        # False from a failed Redis round trip of the read loop until the next success: the
+        # heartbeat is not refreshed meanwhile (health must not count a worker that cannot read)
+        self._loop_ok = True
         self._stopping = asyncio.Event()
         self._claim_cursor: bytes | str = "0-0"
         self._last_claim = 0.0
@@ -108,7 +138,11 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        await self._ensure_group()
+        try:
+            await self._ensure_group()
+        except (RedisError, OSError) as exc:  # the loop retries; NOGROUP recreates it later
+            log.warning("redis_unreachable", error=str(exc))
+            self._loop_ok = False
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         log.info("worker_started", worker=self.config.consumer, jobs=self.keys.jobs,
                  model=self.detector.name, device=str(self.detector.device),
@@ -120,13 +154,20 @@ class Worker:
                     entries = await self._reclaim()
                     if not entries:
                         entries = await self._read_batch()
+                    self._loop_ok = True
                     if entries:
                         await self._process(entries)
                     backoff = 0.1
                 except (RedisError, OSError) as exc:
+                    self._loop_ok = False
+                    if is_nogroup(exc):
+                        log.warning("consumer_group_missing", error=str(exc))
+                        with contextlib.suppress(RedisError, OSError):
+                            await self._ensure_group()
+                            continue
                     log.warning("redis_error", error=str(exc), retry_in_s=backoff)
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
             heartbeat.cancel()
             await asyncio.wait({heartbeat}, timeout=2.0)  # never hang the exit on it
@@ -140,12 +181,12 @@ class Worker:
                      jobs=self.jobs_done)
 
     async def _ensure_group(self) -> None:
-        # From id 0: windows queued before the first worker came up are scored, not skipped.
-        try:
-            await self.redis.xgroup_create(self.keys.jobs, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the job stream and consumer group unless they exist (at start, and whenever
+        Redis lost them). From id 0: windows queued before the group existed are scored, not
+        skipped."""
+        if await ensure_group(self.redis, self.keys.jobs):
+            self.groups_created += 1
+            log.info("consumer_group_created", jobs=self.keys.jobs, group=GROUP)
 
     async def _heartbeat(self) -> None:
         key = self.keys.heartbeat(self.config.consumer)
@@ -154,6 +195,9 @@ class Worker:
             info = json.dumps({"worker": self.config.consumer, "host": socket.gethostname(),
                                "pid": os.getpid(), "device": str(self.detector.device),
                                "batches": self.batches, "jobs": self.jobs_done})
+            if not self._loop_ok:  # the read loop is failing: let the key expire
+                await asyncio.sleep(self.config.heartbeat_ttl / 3)
+                continue
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(key, info, px=ttl_ms)

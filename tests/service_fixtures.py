@@ -133,10 +133,11 @@ async def wait_until(condition: Any, what: str, within: float = 30.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def refuses_new_calls(channel: grpc.aio.Channel) -> bool:
+async def refuses_new_calls(channel: grpc.aio.Channel, metadata: Any = ()) -> bool:
     """True once a server in shutdown answers a new RPC with UNAVAILABLE."""
     try:
-        await pb_grpc.DetectionServiceStub(channel).GetModel(pb.GetModelRequest(), timeout=5)
+        await pb_grpc.DetectionServiceStub(channel).GetModel(pb.GetModelRequest(), timeout=5,
+                                                             metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         return exc.code() == grpc.StatusCode.UNAVAILABLE
     return False

@@ -4,11 +4,14 @@ draining, metrics."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import urllib.request
 
 import grpc
 import pytest
+import structlog.testing
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -17,6 +20,7 @@ from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
 from server.app import RunningServer
+from server.logs import MAX_LOGGED_CALL_ID, CallIdLogging
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
     NOT_SERVING,
@@ -48,6 +52,39 @@ async def test_reflection_lists_services(backend_server: RunningServer) -> None:
         responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
     names = {s.name for s in responses[0].list_services_response.service}
     assert {"callshield.v1.DetectionService", "grpc.health.v1.Health"} <= names
+
+
+async def test_reflection_v1_beside_v1alpha(server: RunningServer) -> None:
+    """The v1 API (what grpcurl and current tools ask first) answers, over the wire, with
+    messages of the v1 package built from the descriptor the server itself serves."""
+    v1 = "grpc.reflection.v1"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        # v1's messages, from the descriptor the v1alpha API serves for the v1 service
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=f"{v1}.ServerReflection")
+        (found,) = [r async for r in stub.ServerReflectionInfo(iter([ask]))]
+        files = found.file_descriptor_response.file_descriptor_proto
+        assert files, found.error_response.error_message
+        pool = descriptor_pool.DescriptorPool()
+        for data in reversed(files):  # dependencies come after the file asked for
+            pool.Add(descriptor_pb2.FileDescriptorProto.FromString(data))
+        request_cls = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(f"{v1}.ServerReflectionRequest"))
+        response_cls = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(f"{v1}.ServerReflectionResponse"))
+        call = channel.stream_stream(
+            f"/{v1}.ServerReflection/ServerReflectionInfo",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString)
+        responses = [r async for r in call(iter([
+            request_cls(list_services=""),
+            request_cls(file_containing_symbol="callshield.v1.DetectionService")]))]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"callshield.v1.DetectionService", "grpc.health.v1.Health",
+            f"{v1}.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    (detection, *_) = responses[1].file_descriptor_response.file_descriptor_proto
+    assert descriptor_pb2.FileDescriptorProto.FromString(detection).package == "callshield.v1"
 
 
 async def test_auth_token(detector: Detector) -> None:
@@ -163,3 +200,32 @@ async def test_metrics_endpoint(stub: pb_grpc.DetectionServiceStub) -> None:
     for name in names:  # the endpoint serves the values the service counted
         assert exposed[name] == after[name], name
     assert exposed["callshield_streams_open"] == 0.0  # the stream above was closed
+
+
+def test_call_ids_in_logs_are_safe_or_hashed() -> None:
+    plain = CallIdLogging()
+    assert plain("call-42") == "call-42"
+    assert plain("+1 (555) 010\n\x1b[31mX") == "+1__555__010___31mX"
+    cut = plain("a" * 200)
+    assert len(cut) == MAX_LOGGED_CALL_ID and cut.endswith("~")
+    hashed = CallIdLogging("hash", b"k")
+    assert hashed("+15550100199") == CallIdLogging("hash", b"k")("+15550100199")
+    assert hashed("+15550100199") != CallIdLogging("hash", b"other")("+15550100199")
+    assert re.fullmatch(r"h-[0-9a-f]{16}", hashed("+15550100199"))
+
+
+async def test_hashed_call_ids_never_reach_the_logs(detector: Detector) -> None:
+    """``--log-call-ids hash``: every log line of a call carries the keyed hash, none the
+    number the client sent as its call id; the client's summary keeps its own call id."""
+    number = "+15550100199"
+    async with serving(detector, log_call_ids="hash", log_hash_key="k") as running, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.DetectionServiceStub(channel)
+        with structlog.testing.capture_logs() as logs:
+            responses = await collect(stub, requests(stream_config(call_id=number),
+                                                     linear16_chunks(noise_pcm(1.0))))
+    assert responses[-1].summary.call_id == number
+    call_lines = [entry for entry in logs if "call_id" in entry]
+    assert {entry["event"] for entry in call_lines} >= {"stream open", "stream summary"}
+    assert {entry["call_id"] for entry in call_lines} == {CallIdLogging("hash", b"k")(number)}
+    assert number not in repr(logs)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import threading
+
 import numpy as np
 import pytest
+import soundfile
+import soxr
 
 from callshield.v1 import detection_pb2 as pb
 from models.data.augment import alaw_encode, mulaw_encode
 from server.aggregation import CallAggregator
-from server.audio import MAX_CHUNK_BYTES, InvalidAudio, StreamDecoder, pcm_from_bytes
+from server.audio import (
+    MAX_CHUNK_BYTES,
+    DecodeCancelled,
+    InvalidAudio,
+    StreamDecoder,
+    decode_container,
+    decode_raw,
+    pcm_from_bytes,
+)
 from server.settings import parse_settings
 from server.windowing import Windower
 
@@ -123,3 +136,42 @@ def test_summary_lists_speakers_heard_in_order_of_first_speech() -> None:
     summary = agg.summary("c", 10.0)
     assert [v.speaker for v in summary.speakers] == ["agent", "caller"]
     assert all(v.speech_seconds > 0 for v in summary.speakers)
+
+
+def test_detect_decoding_block_by_block_equals_whole_recording_resampling() -> None:
+    """Detect decodes and resamples in 10 s blocks (bounded memory, cancellable): the result
+    is the one-shot resampling of the whole recording, for containers and raw samples."""
+    rng = np.random.default_rng(0)
+    pcm = np.clip(rng.normal(0, 0.1, (16000 * 25, 2)) * 32768, -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 16000, format="WAV", subtype="PCM_16")
+    whole = soxr.resample(pcm.astype(np.float32) / 32768, 16000, 8000, quality="HQ")
+    split = decode_container(buffer.getvalue(), 8000, True, 3600)
+    np.testing.assert_allclose(split, whole, atol=1e-6)
+    mixed = decode_container(buffer.getvalue(), 8000, False, 3600)
+    np.testing.assert_allclose(mixed[:, 0], soxr.resample(
+        pcm.astype(np.float32).mean(axis=1) / 32768, 16000, 8000, quality="HQ"), atol=1e-6)
+    raw = decode_raw(pcm.astype("<i2").tobytes(), pb.AUDIO_ENCODING_LINEAR16, 16000, 2, 8000,
+                     True, 3600)
+    np.testing.assert_allclose(raw, whole, atol=1e-6)
+    with pytest.raises(InvalidAudio, match="over the 20 s limit"):
+        decode_container(buffer.getvalue(), 8000, True, 20)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(DecodeCancelled):
+        decode_container(buffer.getvalue(), 8000, True, 3600, cancel)
+
+
+def test_flac_without_a_length_in_its_header_is_refused_cleanly() -> None:
+    """A FLAC written to a pipe has 0 total samples in its STREAMINFO (libsndfile reports an
+    unknown length and fails seeking past its last frame): refused with a message that says
+    why, before any decoding."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, _pcm(8000 * 30), 8000, format="FLAC", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    # "fLaC", a 4-byte block header, then STREAMINFO: 36 bits of total samples from byte 21
+    data[21] &= 0xF0
+    data[22:26] = b"\0\0\0\0"
+    assert soundfile.info(io.BytesIO(bytes(data))).frames == 2**63 - 1
+    with pytest.raises(InvalidAudio, match="header does not give its length"):
+        decode_container(bytes(data), 8000, False, 3600)

@@ -1,5 +1,5 @@
-"""``python -m server`` as a process (configuration from the environment, TLS, SIGTERM), and
-flow control: a client faster than the queue is slowed, not dropped."""
+"""``python -m server`` as a process (configuration from the environment, TLS, SIGTERM drain),
+and flow control: a client faster than the queue is slowed, not dropped."""
 
 from __future__ import annotations
 
@@ -24,13 +24,16 @@ from server.session import Session
 from tests.paths import missing
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
+    NOT_SERVING,
     ROOT,
+    SERVING,
     linear16_chunks,
     noise_pcm,
     refuses_new_calls,
     requests,
     serving,
     stream_config,
+    wait_health,
     wait_until,
 )
 
@@ -124,7 +127,8 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
             responses = [await asyncio.wait_for(call.read(), 60)]
             proc.send_signal(signal.SIGTERM)  # drains: the open stream still completes
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as probe:
-                await wait_until(lambda: refuses_new_calls(probe), "SIGTERM refusing new calls")
+                await wait_until(lambda: refuses_new_calls(probe, metadata),
+                                 "SIGTERM refusing new calls")
             assert proc.returncode is None
             await call.done_writing()
             while (response := await call.read()) != grpc.aio.EOF:
@@ -133,6 +137,75 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert b'"event": "draining"' in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def _blocking_stream(port: int, reqs: list[pb.StreamDetectRequest]) -> list[object]:
+    """The blocking client for a stream the server refuses at once (grpc/grpc#36066: the
+    asyncio client may report such a refusal as INTERNAL, see test_server_errors.py)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return list(pb_grpc.DetectionServiceStub(channel).StreamDetect(iter(reqs)))
+
+
+async def test_sigterm_drain_ends_every_stream_with_its_summary() -> None:
+    """SIGTERM with two streams open, ``--grace-seconds 15``: health turns NOT_SERVING while
+    the listener still answers, new calls get UNAVAILABLE, the stream that half-closes within
+    the grace gets its summary and OK; the one that never half-closes is ended by the server
+    when the grace is over: its last window, its summary, then UNAVAILABLE. Then the process
+    exits 0."""
+    port = _free_port()
+    env = os.environ | {
+        "PYANNOTE_METRICS_ENABLED": "false", "CALLSHIELD_LISTEN": f"127.0.0.1:{port}",
+        "CALLSHIELD_GRACE_SECONDS": "15", "CALLSHIELD_DIARIZATION": "off",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 60)
+            await wait_health(port, SERVING, 30)
+            stub = pb_grpc.DetectionServiceStub(channel)
+            (a_audio,) = linear16_chunks(noise_pcm(1.5), seconds=1.5)
+            (b_audio,) = linear16_chunks(noise_pcm(2.0, seed=1), seconds=2.0)
+            a, b = stub.StreamDetect(), stub.StreamDetect()
+            for call, audio, name in ((a, a_audio, "stays"), (b, b_audio, "leaves")):
+                await call.write(pb.StreamDetectRequest(config=stream_config(call_id=name)))
+                await call.write(pb.StreamDetectRequest(audio=audio))
+                assert (await asyncio.wait_for(call.read(), 60)).HasField("window")
+
+            proc.send_signal(signal.SIGTERM)
+            await wait_health(port, NOT_SERVING, 30)  # observable: still listening
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetModel(pb.GetModelRequest(), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in info.value.details()
+            with pytest.raises(grpc.RpcError) as refused:
+                await asyncio.to_thread(_blocking_stream, port, requests(stream_config(), []))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+            await b.done_writing()
+            b_responses = []
+            while (response := await asyncio.wait_for(b.read(), 60)) != grpc.aio.EOF:
+                b_responses.append(response)
+            assert b_responses[-1].summary.windows_scored == 2
+            assert await b.code() == grpc.StatusCode.OK
+            assert proc.returncode is None
+
+            a_responses = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while (response := await asyncio.wait_for(a.read(), 60)) != grpc.aio.EOF:
+                    a_responses.append(response)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "ended early, with its summary" in info.value.details()
+            assert a_responses[-1].summary.call_id == "stays"
+            assert a_responses[-1].summary.windows_scored == 2  # its last window came too
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b'"event": "drain grace over"' in err
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -1,6 +1,7 @@
 """The gRPC service on the Redis Streams backend, with real ``python -m server.worker``
-processes: health follows the worker pool, and a worker killed mid-stream loses no window.
-Everything else runs on both backends through ``backend_server`` (service_fixtures.py)."""
+processes: health follows the worker pool, a worker killed mid-stream loses no window, and the
+service recovers from a Redis restart without persistence. Everything else runs on both backends
+through ``backend_server`` (service_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server.queue.redis_queue import GROUP
-from tests.conftest import RedisBackend, start_worker, stop_process, wait_ready
+from tests.conftest import (
+    RedisBackend,
+    free_port,
+    start_redis,
+    start_worker,
+    stop_process,
+    wait_ready,
+)
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
     NOT_SERVING,
@@ -30,6 +38,7 @@ from tests.service_fixtures import (
     serving,
     stream_config,
     wait_health,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -124,3 +133,92 @@ async def test_worker_killed_mid_stream_every_window_is_answered(
         assert summary.call_id == f"k{i}"
         assert summary.windows_scored == reference[-1].summary.windows_scored == 8
         assert _windows(responses) == _windows(reference)
+
+
+async def test_redis_restart_without_persistence(detector: Detector) -> None:
+    """A private redis-server (no persistence) is SIGKILLed and started again on the same port
+    while a server and a worker run. The call in flight ends UNAVAILABLE; health is never
+    SERVING while Redis is down nor after it is back until windows can be scored again (the
+    stream and consumer group are gone and must be recreated, the worker must be reading);
+    a call started right after the restart and one started once health is SERVING both
+    succeed."""
+    port = free_port()
+    redis_proc, url = start_redis(port)
+    prefix = f"r{uuid.uuid4().hex[:8]}"
+    worker = start_worker(url, prefix, "w1", "--log-level", "warning")
+    samples: list[tuple[str, str, int]] = []  # (phase at request, phase at answer, status)
+    phase = ["up"]
+
+    async def monitor(port: int) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from server.app import SERVICE_NAME
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                before = phase[0]
+                answer = await health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+                samples.append((before, phase[0], answer.status))
+                await asyncio.sleep(0.02)
+
+    def seen(wanted: str) -> int:
+        return sum(1 for before, after, _ in samples if before == after == wanted)
+
+    reqs = requests(stream_config(), linear16_chunks(noise_pcm(2.0)))
+    try:
+        await asyncio.to_thread(wait_ready, url, prefix, "w1", worker)
+        queue = RedisBackend(url, prefix).queue()
+        async with serving(detector, queue, queue="redis", redis_url=url) as running, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.DetectionServiceStub(channel)
+            await wait_health(running.port, SERVING, 30)
+            assert (await collect(stub, reqs))[-1].summary.windows_scored == 2
+            watcher = asyncio.create_task(monitor(running.port))
+            try:
+                # a call in flight: its first window is back when Redis dies
+                call = stub.StreamDetect()
+                await call.write(pb.StreamDetectRequest(config=stream_config(call_id="inflight")))
+                (chunk,) = linear16_chunks(noise_pcm(1.5), seconds=1.5)
+                await call.write(pb.StreamDetectRequest(audio=chunk))
+                assert (await asyncio.wait_for(call.read(), 30)).HasField("window")
+
+                redis_proc.kill()
+                await asyncio.to_thread(redis_proc.wait)
+                await wait_health(running.port, NOT_SERVING, 15)
+                phase[0] = "down"
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call.write(pb.StreamDetectRequest(audio=chunk))
+                    await call.done_writing()
+                    while await asyncio.wait_for(call.read(), 30) != grpc.aio.EOF:
+                        pass
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                await wait_until(lambda: seen("down") >= 20, "health sampled while Redis is down")
+
+                phase[0] = "restarting"
+                redis_proc, _ = await asyncio.to_thread(start_redis, port)
+                phase[0] = "back"
+                # started at once, before the worker or the server has recreated the group
+                early = asyncio.create_task(collect(stub, reqs))
+                await wait_until(lambda: any(s == SERVING for b, a, s in samples if b == "back"),
+                                 "health SERVING again after the restart", within=60)
+                phase[0] = "serving"
+                # SERVING means windows can be scored: a new call succeeds now
+                late = await asyncio.wait_for(collect(stub, reqs), 30)
+                assert late[-1].summary.windows_scored == 2
+                assert (await asyncio.wait_for(early, 60))[-1].summary.windows_scored == 2
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+        assert all(status == NOT_SERVING for b, a, status in samples
+                   if b == a and b in ("down", "restarting")), samples
+        client = aioredis.Redis.from_url(url)
+        try:
+            groups = await client.xinfo_groups(queue.keys.jobs)
+        finally:
+            await client.aclose()
+        assert [g["name"] for g in groups] == [GROUP.encode()]
+    finally:
+        stop_process(worker)
+        stop_process(redis_proc)

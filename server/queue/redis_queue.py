@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, WindowScore
@@ -98,6 +98,21 @@ def decode_audio(data: bytes, fmt: str, samples: int) -> np.ndarray:
     if audio.shape[0] != samples:
         raise ValueError(f"payload has {audio.shape[0]} samples, header says {samples}")
     return audio
+
+
+async def ensure_group(client: aioredis.Redis, jobs_key: str) -> bool:
+    """``XGROUP CREATE jobs workers 0 MKSTREAM`` unless the group exists; True when it was
+    created. Servers and workers both call it: after a Redis restart without persistence the
+    stream and group are gone, and a server's ``XADD`` alone would recreate the stream without
+    the group, which workers cannot read (``NOGROUP``). From id 0, so that windows added before
+    the group existed are still delivered."""
+    try:
+        await client.xgroup_create(jobs_key, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
 
 
 def _text(value: bytes | str | None) -> str:
@@ -235,10 +250,15 @@ class RedisQueue(InferenceQueue):
         return int(await self._redis.exists(*(self.keys.heartbeat(_text(m)) for m in members)))
 
     async def healthy(self) -> bool:
+        """Windows can be scored: Redis answers, the job stream has its consumer group (it is
+        recreated here when Redis lost it, e.g. restarted without persistence) and at least one
+        worker's heartbeat is alive (workers refresh it only while their read loop works)."""
         if self._redis is None:
             return False
         try:
             await self._redis.ping()
+            if await ensure_group(self._redis, self.keys.jobs):
+                log.info("consumer_group_created", jobs=self.keys.jobs, group=GROUP)
             return await self.live_workers() > 0
         except (RedisError, OSError):
             return False
