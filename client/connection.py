@@ -10,7 +10,7 @@ import grpc
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect sends whole recordings
 # gRPC's default reconnect backoff grows to 120 s: a detector restarted after a minute would
 # stay unreachable to a long-lived client (a telephony plugin) for up to two more minutes.
-MAX_RECONNECT_BACKOFF_MS = 5000
+MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import structlog
 
 from plugins.app import PluginSettings, start_plugins
 from plugins.asterisk import AmiTarget
-from plugins.audiosocket import parse_slin_types
+from plugins.audiosocket import parse_networks, parse_slin_types
 from plugins.core import DetectorLink, parse_hostport
 from plugins.twilio import TwilioSettings
 from plugins.webhook import WebhookSender
@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
         "detector_token": "bearer token for the detection server",
         "ami": "Asterisk AMI host:port for alerts (Setvar)",
         "ami_username": "", "ami_secret": "",
-        "slin_types": "extra AudioSocket slin types, e.g. 0x11=16000 (0x10=8000 always)",
+        "slin_types": "extra AudioSocket slin types, e.g. 0x12=16000 (0x10=8000 always)",
+        "audiosocket_allow": "source networks AudioSocket accepts, e.g. 10.1.2.0/24,"
+                             "192.0.2.7 (default: any that reaches the listener)",
         "twilio_auth_token": "checks X-Twilio-Signature and authenticates the call update",
         "twilio_public_url": "the <Stream url> of your TwiML, exactly, e.g. "
                              "wss://calls.example.com/twilio (what Twilio signs)",
@@ -70,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
                    default=_env("twilio_trust_proxy").lower() in ("1", "true", "yes"),
                    help="rebuild the signed URL from X-Forwarded-Host/-Proto (behind your "
                    "own proxy only: clients can set them)")
+    s.add_argument("--reconnect-seconds", type=float,
+                   default=float(_env("reconnect_seconds", "30") or 30),
+                   help="a detector gone mid-call: reconnect within this long (the audio "
+                   "meanwhile is a reported gap), else end the call's fork")
     s.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", "0") or 0))
     return p
 
@@ -88,11 +94,13 @@ def settings_from(args: argparse.Namespace) -> tuple[PluginSettings, DetectorLin
         audiosocket=args.audiosocket, twilio=args.twilio, freeswitch=args.freeswitch,
         audiohook=args.audiohook, asterisk_alerts=alerts,
         slin_types=parse_slin_types(args.slin_types), twilio_settings=twilio,
+        audiosocket_allow=parse_networks(args.audiosocket_allow),
         audiohook_api_key=args.audiohook_api_key,
         audiohook_client_secret=args.audiohook_client_secret)
     webhook = WebhookSender(args.webhook, args.webhook_secret) if args.webhook else None
     detector = DetectorLink(args.detector, token=args.detector_token or None,
-                        alert_threshold=args.alert_threshold, webhook=webhook)
+                            alert_threshold=args.alert_threshold, webhook=webhook,
+                            reconnect_seconds=args.reconnect_seconds)
     return settings, detector
 
 

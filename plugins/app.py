@@ -8,6 +8,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 from aiohttp import web
@@ -33,6 +34,7 @@ class PluginSettings:
     slin_types: Mapping[int, int] = field(default_factory=lambda: dict(DEFAULT_SLIN_TYPES))
     twilio_settings: TwilioSettings = field(default_factory=TwilioSettings)
     audiohook_api_key: str = ""
+    audiosocket_allow: tuple[IPv4Network | IPv6Network, ...] = ()  # empty: any source
     audiohook_client_secret: str = ""  # base64, as Genesys shows it; empty: unsigned allowed
 
 
@@ -64,7 +66,8 @@ async def start_plugins(settings: PluginSettings, detector: DetectorLink) -> Run
     if settings.audiosocket:
         host, port = parse_hostport(settings.audiosocket)
         handler = AudioSocketServer(detector, alerts=settings.asterisk_alerts,
-                                    slin_types=settings.slin_types)
+                                    slin_types=settings.slin_types,
+                                    allow=settings.audiosocket_allow)
         audiosocket = await handler.start(host, port)
         ports["audiosocket"] = audiosocket.sockets[0].getsockname()[1]
     routes: dict[tuple[str, int], list[tuple[str, str, Handler]]] = defaultdict(list)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
+from contextlib import suppress
 from typing import Any
 
 import structlog
@@ -52,6 +54,7 @@ PARTY = {"external": "caller", "internal": "agent"}
 TOLERATED = ("paused", "resumed", "update", "discarded", "dtmf", "error")
 DISCONNECT_WAIT_SECONDS = 2.0
 FAILURE_DELAY_SECONDS = 0.5
+PCMU_SILENCE = 0xFF
 PROBE_CONVERSATION = "00000000-0000-0000-0000-000000000000"
 log = structlog.get_logger("callshield.plugins.audiohook")
 
@@ -116,6 +119,8 @@ class AudioHookServer:
             session.log.exception("internal error")
             await session.disconnect("internal error")
         finally:
+            if session.filler is not None:
+                session.filler.cancel()
             if session.bridge is not None:
                 await session.bridge.abort("connection closed")
             await ws.close(socket, ws.NORMAL)
@@ -132,6 +137,7 @@ class _Session:
         self.samples = 0  # audio received, per channel: the server's idea of position
         self.channels = 0
         self.paused = False
+        self.filler: asyncio.Task[None] | None = None  # silence while paused
         self.closing = False  # close received, or disconnect sent after the read loop ended
         self.disconnecting = False  # disconnect sent while the read loop runs
         self.bridge: CallBridge | None = None
@@ -208,6 +214,11 @@ class _Session:
         if kind in ("paused", "resumed"):
             self.paused = kind == "paused"
             self.log.info(kind, position=position)
+            if self.paused and self.bridge is not None and self.filler is None:
+                self.filler = asyncio.create_task(self._fill_pause(self.bridge))
+            elif not self.paused and self.filler is not None:
+                self.filler.cancel()
+                self.filler = None
         elif kind == "error":
             self.log.warning("client error", code=str(parameters.get("code", ""))[:10],
                              message=str(parameters.get("message", ""))[:200],
@@ -249,6 +260,18 @@ class _Session:
         await self.send("event", {"entities": [{
             "type": "callshield.spoof_alert", "data": alert.to_dict()}]} | {
             "position": iso_duration(self.samples / 8000)})
+
+    async def _fill_pause(self, bridge: CallBridge) -> None:
+        """Genesys sends no audio while paused (a card number read out, say): silence takes
+        its place in real time, so call time stays wall time and the detector's idle
+        timeout never ends the stream in a long pause."""
+        start, filled = time.monotonic(), 0  # samples, caught up with the clock each step
+        with suppress(DetectorGone):
+            while True:
+                await asyncio.sleep(0.2)
+                due = int((time.monotonic() - start) * 8000) - filled
+                bridge.feed(bytes([PCMU_SILENCE]) * due * self.channels)
+                filled += due
 
     async def _on_failure(self, reason: str) -> None:
         """Detector gone, while the read loop runs: it answers the client's ``close``."""

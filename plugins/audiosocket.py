@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import structlog
 
@@ -40,6 +41,12 @@ IDLE_SECONDS = 10.0  # Asterisk sends 20 ms frames all call long; silence this l
 log = structlog.get_logger("callshield.plugins.audiosocket")
 
 
+def parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """``"10.0.0.0/8,192.0.2.7"`` -> networks (a bare address is a /32 or /128)."""
+    return tuple(ip_network(part.strip(), strict=False) for part in value.split(",")
+                 if part.strip())
+
+
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return struct.pack(">BH", kind, len(payload)) + payload
 
@@ -58,11 +65,13 @@ class AudioSocketServer:
     def __init__(
         self, detector: DetectorLink, *, alerts: AmiTarget | None = None,
         slin_types: Mapping[int, int] = DEFAULT_SLIN_TYPES, idle_seconds: float = IDLE_SECONDS,
+        allow: Sequence[IPv4Network | IPv6Network] = (),
     ) -> None:
         self.detector = detector
         self.alerts = alerts
         self.slin_types = {**slin_types, SLIN: 8000}
         self.idle_seconds = idle_seconds
+        self.allow = tuple(allow)  # empty: any source that can reach the listener
         self.connections: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
@@ -73,8 +82,27 @@ class AudioSocketServer:
         for writer in list(self.connections):
             writer.close()
 
+    def allowed(self, writer: asyncio.StreamWriter) -> bool:
+        """AudioSocket has no authentication: the source address is all there is to check."""
+        if not self.allow:
+            return True
+        peer = writer.get_extra_info("peername")
+        try:
+            address = ip_address(peer[0]) if peer else None
+        except ValueError:
+            return False
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address is not None and any(address in net for net in self.allow)
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One Asterisk channel; every failure ends here, so other calls never see it."""
+        if not self.allowed(writer):
+            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "source").inc()
+            log.warning("connection refused: source not in --audiosocket-allow",
+                        source=str((writer.get_extra_info("peername") or ("?",))[0]))
+            writer.close()
+            return
         call = _Call(self, reader, writer)
         self.connections.add(writer)
         try:
@@ -110,6 +138,7 @@ class _Call:
         self.uuid: str | None = None
         self.rate: int | None = None
         self.bridge: CallBridge | None = None
+        self.closed = False
         self.log = log.bind(call_id=None)
 
     async def _read_frame(self) -> tuple[int, bytes]:
@@ -199,9 +228,11 @@ class _Call:
         """Close, sending ``last`` (hangup or error frame) first. After that frame the write
         side is shut (FIN) and the socket lingers briefly before closing: Asterisk keeps
         streaming audio until it reads the frame, and closing a socket with unread input
-        makes the kernel send a reset, which can destroy the frame before Asterisk reads it."""
-        if self.writer.is_closing():
+        makes the kernel send a reset, which can destroy the frame before Asterisk reads it.
+        Once only: a detector failure can race the call's own end."""
+        if self.closed or self.writer.is_closing():
             return
+        self.closed = True
         with suppress(ConnectionError, OSError):
             if last:
                 self.writer.write(last)

@@ -10,11 +10,16 @@ the webhook, each in its own task so that neither can fail the call. At every no
 ``call_summary`` event: the receiver learns that a call ended clean as well as that one was
 flagged.
 
-A detector that drops the stream, refuses it or stops reading for ``stall_seconds`` fails the
-bridge: it logs the error and calls the handler's ``on_failure``, which closes the platform
-connection cleanly. Note the grpcio asyncio bug the SDK documents (grpc/grpc#36066): a status
-the server sends while we are still writing can surface as INTERNAL "Internal error from
-Core", so the logged code is not always the server's own.
+A detector that goes away mid-call (restart, drain, crash: UNAVAILABLE; an idle stream it
+ended: DEADLINE_EXCEEDED) does not end detection: the bridge drops the audio that arrives
+meanwhile (a gap, logged and reported in the ``call_summary``), reconnects within
+``reconnect_seconds`` and goes on in a new stream, with alert times in call time and one alert
+per speaker over the whole call. A detector that refuses the stream, stays away longer, or
+stops reading for ``stall_seconds`` fails the bridge: it logs the error and calls the
+handler's ``on_failure``, which closes the platform connection cleanly. Note the grpcio
+asyncio bug the SDK documents (grpc/grpc#36066): a status the server sends while we are still
+writing can surface as INTERNAL "Internal error from Core" (so INTERNAL counts as a lost
+stream, and the logged code is not always the server's own).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from plugins.webhook import WebhookSender
 
 STALL_SECONDS = 5.0  # audio the bridge buffers for a detector that stopped reading
 FINISH_SECONDS = 10.0  # after hangup: the summary (last windows) or give up
+RECONNECT_SECONDS = 30.0  # a detector gone mid-call: keep trying this long, then give up
+# a lost stream worth a new one; other codes are the detector refusing this call
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                       grpc.StatusCode.DEADLINE_EXCEEDED})
 DELIVERY_SECONDS = 30.0  # at shutdown: pending alert deliveries (webhook retries) or give up
 
 
@@ -87,13 +96,16 @@ class SpoofAlert:
 
 
 def summary_event(plugin: str, call_id: str, summary: pb.StreamSummary, alerts: int,
-                  extra: dict[str, str]) -> dict[str, Any]:
+                  extra: dict[str, str],
+                  gaps: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     """The webhook's ``call_summary`` payload: per speaker its final state, score and speech
-    seconds, in order of first speech (no audio, no caller number)."""
+    seconds, in order of first speech, and the stretches of call time (seconds) no detector
+    heard (no audio, no caller number)."""
     return {
         "type": "call_summary", "plugin": plugin, "call_id": call_id,
         "audio_seconds": round(summary.audio_seconds, 3),
         "windows_scored": summary.windows_scored, "alerts": alerts, "extra": dict(extra),
+        "gaps": [[round(a, 3), round(b, 3)] for a, b in gaps or []],
         "speakers": [{"speaker": v.speaker, "state": pb.SpeakerState.Name(v.state),
                       "spoof_probability": round(v.spoof_probability, 4),
                       "speech_seconds": round(v.speech_seconds, 3)}
@@ -129,6 +141,7 @@ class DetectorLink:
     webhook: WebhookSender | None = None
     stall_seconds: float = STALL_SECONDS
     finish_seconds: float = FINISH_SECONDS
+    reconnect_seconds: float = RECONNECT_SECONDS
     forward_latencies: list[float] | None = None  # bench: every frame's forward delay
     _client: AsyncDetectionClient | None = None
     _deliveries: set[asyncio.Task[None]] = field(default_factory=set)
@@ -174,8 +187,45 @@ class DetectorLink:
             self._client = None
 
 
+@dataclass
+class _Segment:
+    """One detection stream of a call: where it starts in call time, and what it said."""
+
+    offset: float
+    verdicts: dict[str, pb.SpeakerVerdict] = field(default_factory=dict)
+    summary: pb.StreamSummary | None = None
+
+    def final(self) -> list[pb.SpeakerVerdict]:
+        return list(self.summary.speakers) if self.summary is not None else list(
+            self.verdicts.values())
+
+
+def merge_segments(call_id: str, segments: list[_Segment]) -> pb.StreamSummary | None:
+    """One summary over a call's streams: a speaker flagged in any stream stays flagged,
+    speech adds up, the last stream's score stands. None unless the last stream finished."""
+    if not segments or segments[-1].summary is None:
+        return None
+    if len(segments) == 1:
+        return segments[0].summary
+    merged: dict[str, pb.SpeakerVerdict] = {}
+    for segment in segments:
+        for v in segment.final():
+            m = merged.setdefault(v.speaker, pb.SpeakerVerdict(speaker=v.speaker))
+            flagged = pb.SPEAKER_STATE_SPOOF_SUSPECTED in (m.state, v.state)
+            m.spoof_probability, m.state = v.spoof_probability, v.state
+            if flagged:
+                m.state = pb.SPEAKER_STATE_SPOOF_SUSPECTED
+            m.speech_seconds += v.speech_seconds
+    last = segments[-1]
+    assert last.summary is not None
+    return pb.StreamSummary(
+        call_id=call_id, speakers=list(merged.values()),
+        audio_seconds=last.offset + last.summary.audio_seconds,
+        windows_scored=sum(s.summary.windows_scored for s in segments if s.summary))
+
+
 class CallBridge:
-    """One platform connection's detection stream."""
+    """One platform connection's detection streams (one, unless the detector restarts)."""
 
     def __init__(
         self, detector: DetectorLink, plugin: str, call_id: str, fmt: AudioFormat,
@@ -191,6 +241,12 @@ class CallBridge:
         self.alerts: list[SpoofAlert] = []
         self.summary: pb.StreamSummary | None = None
         self.failed: str | None = None
+        self.gaps: list[tuple[float, float]] = []  # call time no detector heard
+        self._segments: list[_Segment] = []
+        self._alerted: set[str] = set()
+        self._fed = 0  # bytes the platform gave us: call time
+        self._sent = 0  # bytes handed to streams, or dropped in a gap
+        self._dropping = False  # between a lost stream and the next one
         max_bytes = int(detector.stall_seconds * fmt.bytes_per_second())
         self._buffered = 0
         self._max_buffered = max(max_bytes, 1)
@@ -215,6 +271,9 @@ class CallBridge:
         if self.failed is not None:
             raise DetectorGone(self.failed)
         if self._closing or not audio:
+            return
+        self._fed += len(audio)
+        if self._dropping:  # no detector to hear it: part of the gap
             return
         if self._buffered + len(audio) > self._max_buffered:
             self._fail("detector stalled: not reading audio")
@@ -247,7 +306,7 @@ class CallBridge:
         webhook = self.detector.webhook
         if self.summary is not None and webhook is not None and webhook.urls:
             event = summary_event(self.plugin, self.call_id, self.summary, len(self.alerts),
-                                  self.extra)
+                                  self.extra, self.gaps)
             self.detector.spawn_delivery(self._send_summary(webhook, event))
         return self.summary
 
@@ -294,9 +353,11 @@ class CallBridge:
     async def _audio(self) -> AsyncIterator[bytes]:
         latencies = self.detector.forward_latencies
         histogram = metrics.FORWARD_SECONDS.labels(self.plugin)
-        while (item := await self._queue.get()) is not None:
+        queue = self._queue  # this stream's: a lost stream's reader must not take later audio
+        while (item := await queue.get()) is not None:
             audio, received = item
             self._buffered -= len(audio)
+            self._sent += len(audio)
             delay = time.perf_counter() - received
             histogram.observe(delay)
             if latencies is not None:
@@ -310,23 +371,75 @@ class CallBridge:
             if not await self.detector.client.wait_ready(self.detector.stall_seconds):
                 self._fail("detector unreachable")
                 return
-            stream = self.detector.client.stream(self.stream_config(), self._audio(),
-                                                 wait_for_ready=True)
-            async for response in stream:
-                kind = response.WhichOneof("event")
-                if kind == "alert":
-                    self._alert(response.alert)
-                elif kind == "summary":
-                    self.summary = response.summary
+            while await self._stream():
+                if not await self._reconnect():
+                    return
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
             self._fail(f"detector stream failed: {exc.code().name}: {exc.details()}")
         except Exception as exc:  # any other failure of the stream is the detector's too
             self._fail(f"detector stream failed: {type(exc).__name__}: {exc}")
-        else:
-            if self.summary is None and not self._closing:
-                self._fail("detector ended the stream early")
+        finally:
+            self.summary = merge_segments(self.call_id, self._segments)
+
+    async def _stream(self) -> bool:
+        """One detection stream; True when it was lost mid-call and is worth another."""
+        segment = _Segment(self._sent / self.format.bytes_per_second())
+        self._segments.append(segment)
+        stream = self.detector.client.stream(self.stream_config(), self._audio(),
+                                             wait_for_ready=True)
+        try:
+            async for response in stream:
+                kind = response.WhichOneof("event")
+                if kind == "alert":
+                    self._alert(response.alert, segment.offset)
+                elif kind == "verdict":
+                    segment.verdicts[response.verdict.speaker] = response.verdict
+                elif kind == "summary":
+                    segment.summary = response.summary
+        except grpc.aio.AioRpcError as exc:
+            if self._closing or exc.code() not in RETRYABLE:
+                raise
+            self._lost(exc)
+            return True
+        if segment.summary is None and not self._closing:
+            self._fail("detector ended the stream early")
+        return False
+
+    def _lost(self, exc: grpc.aio.AioRpcError) -> None:
+        """Drop what was queued for the lost stream: from here to the next stream is a gap."""
+        self._dropping = True
+        lost, self._queue = self._queue, asyncio.Queue()
+        while not lost.empty():
+            item = lost.get_nowait()
+            if item is None:  # the call ended meanwhile
+                self._closing = True
+                break
+            self._buffered -= len(item[0])
+        lost.put_nowait(None)  # ends the lost stream's request generator, if gRPC still reads
+        start = self._sent / self.format.bytes_per_second()
+        self.gaps.append((start, start))
+        metrics.DETECTOR_ERRORS.labels(self.plugin).inc()
+        self.log.warning("detector stream lost; reconnecting", code=exc.code().name,
+                         at_seconds=round(start, 2))
+
+    async def _reconnect(self) -> bool:
+        """Wait (bounded) for the detector; True when a new stream can start."""
+        deadline = time.monotonic() + self.detector.reconnect_seconds
+        while not self._closing:
+            if await self.detector.client.wait_ready(min(0.5, self.detector.reconnect_seconds)):
+                self._dropping = False
+                self._sent = self._fed  # everything until now was heard or dropped
+                start = self.gaps[-1][0]
+                resumed = self._sent / self.format.bytes_per_second()
+                self.gaps[-1] = (start, resumed)
+                self.log.warning("detector stream resumed", gap_seconds=round(resumed - start, 2))
+                return True
+            if time.monotonic() >= deadline:
+                self._fail(f"detector unreachable for {self.detector.reconnect_seconds:g} s")
+                return False
+        return False
 
     def _fail(self, reason: str) -> None:
         if self.failed is not None:
@@ -337,9 +450,15 @@ class CallBridge:
         if not self._closing:
             self.detector.spawn_delivery(self.on_failure(reason))
 
-    def _alert(self, alert: pb.Alert) -> None:
+    def _alert(self, alert: pb.Alert, offset: float = 0.0) -> None:
+        """The first alert per speaker over the whole call, in call time (a new stream after
+        a reconnect starts its clock and its alerts afresh)."""
+        if alert.speaker in self._alerted:
+            return
+        self._alerted.add(alert.speaker)
         spoof = SpoofAlert(self.plugin, self.call_id, alert.speaker, alert.spoof_probability,
-                           alert.start_seconds, alert.end_seconds, extra=self.extra)
+                           offset + alert.start_seconds, offset + alert.end_seconds,
+                           extra=self.extra)
         self.alerts.append(spoof)
         self.log.warning("spoof alert", speaker=spoof.speaker,
                          spoof_probability=round(spoof.spoof_probability, 3))

@@ -146,6 +146,8 @@ def test_plugins_serve_reads_flags_and_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CALLSHIELD_PLUGINS_TWILIO_SIGNING_KEY", "shared-key")
     monkeypatch.setenv("CALLSHIELD_PLUGINS_TWILIO_TRUST_PROXY", "true")
     monkeypatch.setenv("CALLSHIELD_PLUGINS_AUDIOHOOK_CLIENT_SECRET", "c2VjcmV0")
+    monkeypatch.setenv("CALLSHIELD_PLUGINS_AUDIOSOCKET_ALLOW", "10.1.2.0/24, 192.0.2.7")
+    monkeypatch.setenv("CALLSHIELD_PLUGINS_RECONNECT_SECONDS", "12")
     args = parser().parse_args([
         "serve", "--slin-types", "0x12=16000", "--twilio", "127.0.0.1:8080/twilio",
         "--twilio-public-url", "wss://calls.example.com/twilio",
@@ -158,6 +160,8 @@ def test_plugins_serve_reads_flags_and_environment(monkeypatch: pytest.MonkeyPat
     assert settings.twilio_settings.signing_key == "shared-key"
     assert settings.twilio_settings.trust_proxy is True
     assert settings.audiohook_client_secret == "c2VjcmV0"
+    assert [str(n) for n in settings.audiosocket_allow] == ["10.1.2.0/24", "192.0.2.7/32"]
+    assert detector.reconnect_seconds == 12.0
     assert isinstance(settings.asterisk_alerts, AmiTarget)
     assert detector.alert_threshold == 0.7
     assert detector.webhook is not None

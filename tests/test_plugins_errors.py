@@ -210,8 +210,10 @@ async def test_errors_and_disconnects_never_touch_other_calls(plugins: RunningPl
 
 
 async def test_dropped_detector_closes_every_call_cleanly(detector: Any) -> None:
+    """A detector gone for longer than ``reconnect_seconds`` (1 s here, 30 s shipped: the
+    reconnect itself is tested in test_plugins_timeouts.py) ends each call's fork cleanly."""
     async with serving(detector) as doomed, back_ends() as (ami, http), \
-            plugin_stack(doomed.port, ami, http) as plugins:
+            plugin_stack(doomed.port, ami, http, reconnect_seconds=1.0) as plugins:
         port = plugins.ports["audiosocket"]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(as_frame(0x01, uuid.uuid4().bytes))
@@ -244,8 +246,9 @@ async def test_dropped_detector_closes_every_call_cleanly(detector: Any) -> None
             feeding.cancel()
         assert fork.close_code == 1011
         assert disconnect["parameters"]["info"] == "detector unavailable"
-        failed = {e["plugin"] for e in logs if e["event"] == "detector error"}
-        assert failed == {"audiosocket", "freeswitch", "audiohook"}
+        failed = {e["plugin"]: e["reason"] for e in logs if e["event"] == "detector error"}
+        assert failed == dict.fromkeys(["audiosocket", "freeswitch", "audiohook"],
+                                       "detector unreachable for 1 s")
         writer.close()
         await fork.close()
         await hook.close()
@@ -286,3 +289,38 @@ async def test_webhook_is_signed_retried_and_bounded() -> None:
         await http.stop()
 
 
+
+
+async def test_audiosocket_accepts_only_allowed_sources() -> None:
+    """AudioSocket has no authentication: ``--audiosocket-allow`` limits who may stream."""
+    from ipaddress import ip_network
+
+    from plugins.app import PluginSettings, start_plugins
+    from plugins.core import DetectorLink
+
+    for allow, accepted in ((ip_network("10.0.0.0/8"),), False), (
+            (ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32")), True):
+        running = await start_plugins(
+            PluginSettings(audiosocket="127.0.0.1:0", audiosocket_allow=allow),
+            DetectorLink(f"127.0.0.1:{free_port()}"))
+        try:
+            with capture_logs() as logs:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", running.ports["audiosocket"])
+                writer.write(as_frame(0x01, uuid.uuid4().bytes) + as_frame(0x10, bytes(320)))
+                await writer.drain()
+                if not accepted:  # closed at once: EOF, or a reset for the unread frames
+                    try:
+                        assert await asyncio.wait_for(reader.read(), 10) == b""
+                    except ConnectionResetError:
+                        pass
+                else:
+                    await wait_until(lambda: any(e["event"] == "call open" for e in logs),
+                                     "the call opened")
+                writer.close()
+        finally:
+            await running.stop(grace_seconds=1)
+        refused = [e for e in logs
+                   if e["event"] == "connection refused: source not in --audiosocket-allow"]
+        assert (refused == []) is accepted
+        assert [e["source"] for e in refused] == ([] if accepted else ["127.0.0.1"])

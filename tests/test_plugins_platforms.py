@@ -12,6 +12,7 @@ no audio of the other, and every normal end sends a ``call_summary`` to the webh
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -327,3 +328,29 @@ async def test_audiohook_client_error_update_discarded_are_logged(
     assert by_event["client discarded audio"]["discarded"] == "PT1.5S"
     assert by_event["client update"]["parameters"] == ["language"]
     assert "+15550100" not in repr(logs)  # participant data is never logged
+
+
+async def test_audiohook_pause_is_filled_with_silence(plugins: RunningPlugins,
+                                                     http: FakeHttp) -> None:
+    """Genesys sends nothing while paused: the call's time goes on (silence in its place),
+    so a pause longer than the server's idle timeout cannot end detection."""
+    port = plugins.ports["audiohook"]
+    organization, conversation = str(uuid.uuid4()), str(uuid.uuid4())
+    client = await _audiohook_session(
+        port, _reference_signed_headers(port, organization=organization))
+    await client.send("open", {
+        "organizationId": organization, "conversationId": conversation,
+        "media": [{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}]})
+    await client.expect("opened")
+    await client.w.send(mulaw_encode(noise_pcm(1.0)).tobytes())
+    await client.send("paused")
+    await asyncio.sleep(1.5)
+    await client.send("resumed")
+    await client.w.send(mulaw_encode(noise_pcm(1.0)).tobytes())
+    await client.send("close", {"reason": "end"})
+    await client.expect("closed", 30)
+    await client.w.close()
+    await wait_until(lambda: _summaries(http), "the call_summary webhook", 60)
+    (summary,) = _summaries(http)
+    assert summary["call_id"] == conversation
+    assert 3.2 <= summary["audio_seconds"] <= 2.0 + 1.5 + 3.0  # audio + the pause (+ slack)
