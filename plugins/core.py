@@ -42,6 +42,7 @@ from plugins.webhook import WebhookSender
 STALL_SECONDS = 5.0  # audio the bridge buffers for a detector that stopped reading
 FINISH_SECONDS = 10.0  # after hangup: the summary (last windows) or give up
 RECONNECT_SECONDS = 30.0  # a detector gone mid-call: keep trying this long, then give up
+RETRY_PAUSE_SECONDS = 0.5  # between a lost stream and the next attempt
 # a lost stream worth a new one; other codes are the detector refusing this call
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
                        grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -419,6 +420,8 @@ class CallBridge:
             self._buffered -= len(item[0])
         lost.put_nowait(None)  # ends the lost stream's request generator, if gRPC still reads
         start = self._sent / self.format.bytes_per_second()
+        if self.gaps and self.gaps[-1][1] == start:  # refused again at once: the same gap
+            start = self.gaps.pop()[0]
         self.gaps.append((start, start))
         metrics.DETECTOR_ERRORS.labels(self.plugin).inc()
         self.log.warning("detector stream lost; reconnecting", code=exc.code().name,
@@ -428,6 +431,11 @@ class CallBridge:
         """Wait (bounded) for the detector; True when a new stream can start."""
         deadline = time.monotonic() + self.detector.reconnect_seconds
         while not self._closing:
+            # A draining server still accepts connections and answers each new stream with
+            # UNAVAILABLE (retry pushback 1 s): pace the attempts rather than spin.
+            await asyncio.sleep(RETRY_PAUSE_SECONDS)
+            if self._closing:
+                break
             if await self.detector.client.wait_ready(min(0.5, self.detector.reconnect_seconds)):
                 self._dropping = False
                 self._sent = self._fed  # everything until now was heard or dropped

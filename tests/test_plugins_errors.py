@@ -324,3 +324,22 @@ async def test_audiosocket_accepts_only_allowed_sources() -> None:
                    if e["event"] == "connection refused: source not in --audiosocket-allow"]
         assert (refused == []) is accepted
         assert [e["source"] for e in refused] == ([] if accepted else ["127.0.0.1"])
+
+
+async def test_audiosocket_that_never_sends_audio_opens_no_stream(plugins: RunningPlugins) -> None:
+    """Asterisk's 2 s rule, as a real Asterisk showed it (issue 10): a fork started before
+    the caller is answered sends its UUID, then nothing; Asterisk gives up after 2000 ms and
+    closes the socket. That is a broken dialplan, logged as a lost connection, and no
+    detection stream was opened for it."""
+    with capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                       plugins.ports["audiosocket"])
+        writer.write(as_frame(0x01, uuid.uuid4().bytes))
+        await writer.drain()
+        await asyncio.sleep(2.0)  # Asterisk: "Reached timeout after 2000 ms of no activity"
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await wait_until(lambda: any(e["event"] == "connection lost" for e in logs),
+                         "the lost connection logged")
+    assert not [e for e in logs if e["event"] in ("call open", "hangup")]
