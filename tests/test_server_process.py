@@ -104,6 +104,9 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
         "PYANNOTE_METRICS_ENABLED": "false", "CALLSHIELD_LISTEN": f"127.0.0.1:{port}",
         "CALLSHIELD_AUTH_TOKEN": "t0k", "CALLSHIELD_TLS_CERT": str(cert),
         "CALLSHIELD_TLS_KEY": str(key),
+        # a grace the probe below cannot outlast on a loaded machine (the 10 s default, and
+        # what happens when it runs out: test_sigterm_drain_ends_every_stream_with_its_summary)
+        "CALLSHIELD_GRACE_SECONDS": "120",
         # The shipped defaults otherwise (diarization auto); the stream below is a SPLIT
         # single-party leg, which is never diarized.
     }
