@@ -181,3 +181,14 @@ def test_errors() -> None:
         LFCCGMMConfig(n_ceps=30)
     with pytest.raises(ValueError, match="mono 1-D"):
         lfcc(np.zeros((2, 800)), LFCCGMMConfig())
+
+
+def test_delta_only_recipe_config() -> None:
+    from models.tasks.config import REPO_ROOT, TrainConfig
+
+    config = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm_dd.yaml")
+    gmm = LFCCGMMConfig(**config.model)
+    assert gmm.static is False and gmm.feature_dim == 40
+    shipped = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
+    assert LFCCGMMConfig(**shipped.model).static  # the shipped recipe keeps its statics
+    assert not str(config.output).startswith("models/checkpoints")
