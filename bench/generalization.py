@@ -12,7 +12,7 @@ Recipes:
 
 - ``lfcc-gmm``: the classic baseline, refitted per fold.
 - ``lfcc-gmm-dd``: the same without the static cepstra (deltas and double deltas only,
-  ``static: false``; ``bench/results/gmm-exploration.md``).
+  ``static: false``, 32 components in both modes; ``bench/results/gmm-exploration.md``).
 - ``whisper-lr`` / ``whisper-lr-voc``: frozen Whisper tiny.en encoder + logistic
   regression, without / with the vocoded bona fide (``make vocode``) as extra spoofs.
 - ``rawnet2`` / ``rawnet2-voc``: RawNet2-tel trained per fold from
@@ -154,6 +154,10 @@ def linear_folds(recipe: str, train: list[Trial], dev: list[Trial],
 
 GMM_SIZES = {"reduced": {"n_components": 32, "max_frames_per_class": 20000},
              "full": {"n_components": 128, "max_frames_per_class": 50000}}
+# lfcc-gmm-dd (models/configs/lfcc_gmm_dd.yaml): without statics, more components than 32
+# fit the training engines closer and generalize worse on LOSO (21.4 % at 64 and 21.5 % at
+# 128 against 19.7-20.1 % at 32; bench/results/gmm-exploration.md), so one size for both modes.
+GMM_DD = {"static": False, "n_components": 32, "max_frames_per_class": 20000}
 
 
 def gmm_folds(train: list[Trial], dev: list[Trial], root: Path, systems: list[str],
@@ -176,8 +180,8 @@ def gmm_folds(train: list[Trial], dev: list[Trial], root: Path, systems: list[st
     folds = []
     for system in systems:
         fit = [t for t in [*train, *(extra or [])] if t.system != system]
-        model = LFCCGMM(LFCCGMMConfig(sample_rate=8000, n_fft=256, seed=0, **GMM_SIZES[mode],
-                                      **options))
+        model = LFCCGMM(LFCCGMMConfig(sample_rate=8000, n_fft=256, seed=0,
+                                      **{**GMM_SIZES[mode], **options}))
         model.fit([waves[t.utt_id] for t in fit if t.is_bonafide],
                   [waves[t.utt_id] for t in fit if not t.is_bonafide])
         test = fold_eval_trials(dev, system)
@@ -260,7 +264,7 @@ def recipe_folds(recipe: str, systems: list[str], runs: Path, mode: str) -> list
         return neural_folds(recipe, systems, runs)
     cache = REPO_ROOT / "runs" / "features" / {
         "lfcc-gmm": f"gmm-loso-{mode}.json", "lfcc-gmm-voc": f"gmm-voc-loso-{mode}.json",
-        "lfcc-gmm-dd": f"gmm-dd-loso-{mode}.json"}[recipe]
+        "lfcc-gmm-dd": "gmm-dd-loso.json"}[recipe]
     if not cache.is_file():
         return []
     return [FoldScores.from_json(f) for f in json.loads(cache.read_text())]
@@ -296,11 +300,11 @@ def run_report(args: argparse.Namespace) -> int:
                                         cache / f"gmm-loso-{args.mode}.json")
         notes["lfcc-gmm"] = (f"{GMM_SIZES[args.mode]['n_components']} components, "
                              f"{GMM_SIZES[args.mode]['max_frames_per_class']} frames/class")
-    if "lfcc-gmm-dd" in args.recipes:
+    if "lfcc-gmm-dd" in args.recipes:  # its own size in both modes, as lfcc_gmm_dd.yaml
         results["lfcc-gmm-dd"] = gmm_folds(train, dev, root, systems, args.mode,
-                                           cache / f"gmm-dd-loso-{args.mode}.json", static=False)
-        notes["lfcc-gmm-dd"] = (f"{GMM_SIZES[args.mode]['n_components']} components, "
-                                f"{GMM_SIZES[args.mode]['max_frames_per_class']} frames/class; "
+                                           cache / "gmm-dd-loso.json", **GMM_DD)
+        notes["lfcc-gmm-dd"] = (f"{GMM_DD['n_components']} components, "
+                                f"{GMM_DD['max_frames_per_class']} frames/class; "
                                 "deltas and double deltas only (static: false)")
     vocoded = VOCODED / "protocol.txt"
     if "lfcc-gmm-voc" in args.recipes and vocoded.is_file():

@@ -192,3 +192,6 @@ def test_delta_only_recipe_config() -> None:
     shipped = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
     assert LFCCGMMConfig(**shipped.model).static  # the shipped recipe keeps its statics
     assert not str(config.output).startswith("models/checkpoints")
+    from bench.generalization import GMM_DD  # the LOSO recipe measures this very config
+
+    assert {k: config.model[k] for k in GMM_DD} == GMM_DD

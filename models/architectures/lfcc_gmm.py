@@ -19,10 +19,12 @@ Departures from the baseline, and why:
   (``2 * n_ceps`` dims). A fixed channel (microphone, line) adds a constant to the static
   cepstra, which the deltas cancel; without the statics the GMMs cannot key on the
   recording conditions of the training speakers. Leave-one-system-out on the dev part
-  (``bench/results/gmm-exploration.md``): 19.7-20.1 % pooled EER over seeds 0-2 against
-  24.3-26.0 % with the statics (32 components), better on five of six held-out engines,
-  and half the bona fide digit false alarms at the EER threshold. Off by default so the
-  shipped checkpoint keeps its recipe; a checkpoint without the key loads with statics.
+  (``bench/results/gmm-exploration.md``), 32 components: 19.7-20.1 % pooled EER over seeds
+  0-2 against 24.3-26.0 % with the statics (23.3 % for the shipped 128-component recipe),
+  and half the bona fide digit false alarms at a matched spoof miss rate. Without statics
+  more components fit worse to unseen engines (128: 21.5 %), hence
+  ``models/configs/lfcc_gmm_dd.yaml`` uses 32. Off by default so the shipped checkpoint
+  keeps its recipe; a checkpoint without the key loads with statics.
 
 Unlike the neural architectures this is not an ``nn.Module``: the GMMs are fitted with EM
 (scikit-learn) and scored with numpy. Its parameters still live in a flat dict of tensors
