@@ -11,6 +11,8 @@ on digits (< 1 s) and sentences, and each held-out engine's miss rate.
 Recipes:
 
 - ``lfcc-gmm``: the classic baseline, refitted per fold.
+- ``lfcc-gmm-dd``: the same without the static cepstra (deltas and double deltas only,
+  ``static: false``, 32 components in both modes; ``bench/results/gmm-exploration.md``).
 - ``whisper-lr`` / ``whisper-lr-voc``: frozen Whisper tiny.en encoder + logistic
   regression, without / with the vocoded bona fide (``make vocode``) as extra spoofs.
 - ``rawnet2`` / ``rawnet2-voc``: RawNet2-tel trained per fold from
@@ -152,13 +154,18 @@ def linear_folds(recipe: str, train: list[Trial], dev: list[Trial],
 
 GMM_SIZES = {"reduced": {"n_components": 32, "max_frames_per_class": 20000},
              "full": {"n_components": 128, "max_frames_per_class": 50000}}
+# lfcc-gmm-dd (models/configs/lfcc_gmm_dd.yaml): without statics, more components than 32
+# fit the training engines closer and generalize worse on LOSO (21.4 % at 64 and 21.5 % at
+# 128 against 19.7-20.1 % at 32; bench/results/gmm-exploration.md), so one size for both modes.
+GMM_DD = {"static": False, "n_components": 32, "max_frames_per_class": 20000}
 
 
 def gmm_folds(train: list[Trial], dev: list[Trial], root: Path, systems: list[str],
               mode: str, cache: Path, extra: list[Trial] | None = None,
-              extra_dir: Path | None = None) -> list[FoldScores]:
+              extra_dir: Path | None = None, **options: Any) -> list[FoldScores]:
     """Per fold: the classic baseline refitted without the held-out engine (whole training
-    utterances, first-window scoring, as ``models/tasks/gmm.py``). Cached per mode."""
+    utterances, first-window scoring, as ``models/tasks/gmm.py``). Cached per mode.
+    ``options`` are further :class:`LFCCGMMConfig` fields (a variant of the recipe)."""
     from models.architectures.lfcc_gmm import LFCCGMM, LFCCGMMConfig
     from models.data.asvspoof import audio_path
     from models.data.audio import load_audio, repeat_pad
@@ -173,7 +180,8 @@ def gmm_folds(train: list[Trial], dev: list[Trial], root: Path, systems: list[st
     folds = []
     for system in systems:
         fit = [t for t in [*train, *(extra or [])] if t.system != system]
-        model = LFCCGMM(LFCCGMMConfig(sample_rate=8000, n_fft=256, seed=0, **GMM_SIZES[mode]))
+        model = LFCCGMM(LFCCGMMConfig(sample_rate=8000, n_fft=256, seed=0,
+                                      **{**GMM_SIZES[mode], **options}))
         model.fit([waves[t.utt_id] for t in fit if t.is_bonafide],
                   [waves[t.utt_id] for t in fit if not t.is_bonafide])
         test = fold_eval_trials(dev, system)
@@ -255,7 +263,8 @@ def recipe_folds(recipe: str, systems: list[str], runs: Path, mode: str) -> list
     if recipe in NEURAL_RECIPES:
         return neural_folds(recipe, systems, runs)
     cache = REPO_ROOT / "runs" / "features" / {
-        "lfcc-gmm": f"gmm-loso-{mode}.json", "lfcc-gmm-voc": f"gmm-voc-loso-{mode}.json"}[recipe]
+        "lfcc-gmm": f"gmm-loso-{mode}.json", "lfcc-gmm-voc": f"gmm-voc-loso-{mode}.json",
+        "lfcc-gmm-dd": "gmm-dd-loso.json"}[recipe]
     if not cache.is_file():
         return []
     return [FoldScores.from_json(f) for f in json.loads(cache.read_text())]
@@ -291,6 +300,12 @@ def run_report(args: argparse.Namespace) -> int:
                                         cache / f"gmm-loso-{args.mode}.json")
         notes["lfcc-gmm"] = (f"{GMM_SIZES[args.mode]['n_components']} components, "
                              f"{GMM_SIZES[args.mode]['max_frames_per_class']} frames/class")
+    if "lfcc-gmm-dd" in args.recipes:  # its own size in both modes, as lfcc_gmm_dd.yaml
+        results["lfcc-gmm-dd"] = gmm_folds(train, dev, root, systems, args.mode,
+                                           cache / "gmm-dd-loso.json", **GMM_DD)
+        notes["lfcc-gmm-dd"] = (f"{GMM_DD['n_components']} components, "
+                                f"{GMM_DD['max_frames_per_class']} frames/class; "
+                                "deltas and double deltas only (static: false)")
     vocoded = VOCODED / "protocol.txt"
     if "lfcc-gmm-voc" in args.recipes and vocoded.is_file():
         results["lfcc-gmm-voc"] = gmm_folds(

@@ -60,6 +60,19 @@ def test_frame_count_follows_config() -> None:
     assert lfcc(np.zeros(16000, dtype=np.float32), cfg).shape == (1 + (16000 - 400) // 160, 39)
 
 
+def test_static_off_keeps_only_the_deltas() -> None:
+    wave = _harmonic(np.random.default_rng(3), seconds=1.0)
+    full = lfcc(wave, LFCCGMMConfig())
+    dyn_cfg = LFCCGMMConfig(static=False)
+    dyn = lfcc(wave, dyn_cfg)
+    assert dyn.shape == (full.shape[0], dyn_cfg.feature_dim) == (99, 40)
+    np.testing.assert_array_equal(dyn, full[:, 20:])
+    # A fixed channel gain moves the static c0 of every frame; the deltas do not see it.
+    louder = lfcc(4 * wave, dyn_cfg)
+    np.testing.assert_allclose(louder, dyn, atol=1e-9)
+    assert np.abs(lfcc(4 * wave, LFCCGMMConfig())[:, 0] - full[:, 0]).min() > 0.5
+
+
 def test_deltas_of_a_linear_ramp() -> None:
     slope = np.array([0.5, -2.0, 3.0])
     x = np.arange(10)[:, None] * slope + np.array([1.0, 0.0, -4.0])
@@ -127,6 +140,34 @@ def test_state_dict_round_trip(toy_model: LFCCGMM, tmp_path: Path) -> None:
     np.testing.assert_array_equal(restored.score(probe), toy_model.score(probe))
 
 
+def test_static_off_round_trip_and_old_checkpoints(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cfg = LFCCGMMConfig(n_components=4, max_iter=500, max_frames_per_class=2000, static=False)
+    model = LFCCGMM(cfg).fit([_harmonic(rng) for _ in range(6)], [_noise(rng) for _ in range(6)])
+    assert model.gmms["bonafide"].means.shape == (4, 40)
+    state = model.state_dict()
+    assert state["config.static"] is False
+    torch.save(state, tmp_path / "dyn.pt")
+    restored = LFCCGMM.from_state_dict(torch.load(tmp_path / "dyn.pt", weights_only=True))
+    assert restored.config == cfg
+    probe = [_harmonic(rng), _noise(rng)]
+    np.testing.assert_array_equal(restored.score(probe), model.score(probe))
+    # A checkpoint written before the option existed has no config.static: statics on.
+    old = {k: v for k, v in state.items() if k != "config.static"}
+    with pytest.raises(ValueError, match="40 dims, the config's features 60"):
+        LFCCGMM.from_state_dict(old)
+
+
+def test_shipped_checkpoint_still_loads() -> None:
+    from models.inference import NAMED_MODELS, load_detector
+
+    detector = load_detector("lfcc-gmm")
+    assert NAMED_MODELS["lfcc-gmm"].is_file()
+    assert detector.model.config.static and detector.model.config.feature_dim == 60
+    score = detector.scores([_harmonic(np.random.default_rng(4), seconds=1.0)])
+    assert score.shape == (1,) and np.isfinite(score).all()
+
+
 def test_errors() -> None:
     with pytest.raises(RuntimeError, match="not fitted"):
         LFCCGMM().score([np.zeros(800, dtype=np.float32)])
@@ -140,3 +181,17 @@ def test_errors() -> None:
         LFCCGMMConfig(n_ceps=30)
     with pytest.raises(ValueError, match="mono 1-D"):
         lfcc(np.zeros((2, 800)), LFCCGMMConfig())
+
+
+def test_delta_only_recipe_config() -> None:
+    from models.tasks.config import REPO_ROOT, TrainConfig
+
+    config = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm_dd.yaml")
+    gmm = LFCCGMMConfig(**config.model)
+    assert gmm.static is False and gmm.feature_dim == 40
+    shipped = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
+    assert LFCCGMMConfig(**shipped.model).static  # the shipped recipe keeps its statics
+    assert not str(config.output).startswith("models/checkpoints")
+    from bench.generalization import GMM_DD  # the LOSO recipe measures this very config
+
+    assert {k: config.model[k] for k in GMM_DD} == GMM_DD

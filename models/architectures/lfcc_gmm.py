@@ -14,7 +14,17 @@ Departures from the baseline, and why:
   the 2021 baseline leaves that factor out, which only rescales two thirds of the features;
 - frames are only taken where a whole window fits (upstream zero-pads the last one), and a
   signal shorter than one window is zero-padded to one, so every utterance gets a score;
-- the GMMs are trained on a seeded random subsample of frames, to bound the fit time.
+- the GMMs are trained on a seeded random subsample of frames, to bound the fit time;
+- ``static=False`` drops the static cepstra and keeps only deltas and double deltas
+  (``2 * n_ceps`` dims). A fixed channel (microphone, line) adds a constant to the static
+  cepstra, which the deltas cancel; without the statics the GMMs cannot key on the
+  recording conditions of the training speakers. Leave-one-system-out on the dev part
+  (``bench/results/gmm-exploration.md``), 32 components: 19.7-20.1 % pooled EER over seeds
+  0-2 against 24.3-26.0 % with the statics (23.3 % for the shipped 128-component recipe),
+  and half the bona fide digit false alarms at a matched spoof miss rate. Without statics
+  more components fit worse to unseen engines (128: 21.5 %), hence
+  ``models/configs/lfcc_gmm_dd.yaml`` uses 32. Off by default so the shipped checkpoint
+  keeps its recipe; a checkpoint without the key loads with statics.
 
 Unlike the neural architectures this is not an ``nn.Module``: the GMMs are fitted with EM
 (scikit-learn) and scored with numpy. Its parameters still live in a flat dict of tensors
@@ -70,6 +80,7 @@ class LFCCGMMConfig:
     f_min: float = 0.0
     f_max: float | None = None
     delta_width: int = 3
+    static: bool = True
     n_components: int = 128
     max_iter: int = 100
     tol: float = 1e-3
@@ -112,7 +123,7 @@ class LFCCGMMConfig:
 
     @property
     def feature_dim(self) -> int:
-        return 3 * self.n_ceps
+        return (3 if self.static else 2) * self.n_ceps
 
 
 def linear_filterbank(config: LFCCGMMConfig) -> FloatArray:
@@ -144,7 +155,8 @@ def deltas(features: FloatArray, width: int = 3) -> FloatArray:
 
 
 def lfcc(wave: NDArray[np.floating], config: LFCCGMMConfig) -> FloatArray:
-    """``(frames, 3 * n_ceps)`` static + delta + double-delta LFCCs of one waveform."""
+    """``(frames, 3 * n_ceps)`` static + delta + double-delta LFCCs of one waveform, or
+    ``(frames, 2 * n_ceps)`` deltas and double deltas only when ``config.static`` is off."""
     x = np.asarray(wave, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"expected a mono 1-D waveform, got shape {x.shape}")
@@ -162,7 +174,7 @@ def lfcc(wave: NDArray[np.floating], config: LFCCGMMConfig) -> FloatArray:
     static = static[:, : config.n_ceps]
     d1 = deltas(static, config.delta_width)
     d2 = deltas(d1, config.delta_width)
-    return np.concatenate((static, d1, d2), axis=1)
+    return np.concatenate((static, d1, d2) if config.static else (d1, d2), axis=1)
 
 
 @dataclass(frozen=True)
@@ -333,4 +345,10 @@ class LFCCGMM:
             )
             for name in _CLASSES
         }
+        for name, gmm in model.gmms.items():
+            if gmm.means.shape[1] != model.config.feature_dim:
+                raise ValueError(
+                    f"{name} GMM has {gmm.means.shape[1]} dims, the config's features "
+                    f"{model.config.feature_dim}"
+                )
         return model
