@@ -79,24 +79,30 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+async def _update_health(
+    queue: InferenceQueue, servicer: health.aio.HealthServicer, last: int | None
+) -> int:
+    """Set both health names from the queue's state; returns the status set."""
+    try:
+        ok = await queue.healthy()
+    except Exception:  # an unreachable broker is a health state, not a crash
+        ok = False
+    status = (health_pb2.HealthCheckResponse.SERVING if ok
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    if status != last:
+        for name in ("", SERVICE_NAME):
+            await servicer.set(name, status)
+        log.info("health", serving=ok)
+    metrics.QUEUE_DEPTH.set(queue.depth())
+    return status
+
+
 async def _watch_health(
-    queue: InferenceQueue, servicer: health.aio.HealthServicer
+    queue: InferenceQueue, servicer: health.aio.HealthServicer, last: int
 ) -> None:
-    last = None
     while True:
-        try:
-            ok = await queue.healthy()
-        except Exception:  # an unreachable broker is a health state, not a crash
-            ok = False
-        status = (health_pb2.HealthCheckResponse.SERVING if ok
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        if status != last:
-            for name in ("", SERVICE_NAME):
-                await servicer.set(name, status)
-            log.info("health", serving=ok)
-            last = status
-        metrics.QUEUE_DEPTH.set(queue.depth())
         await asyncio.sleep(HEALTH_POLL_SECONDS)
+        last = await _update_health(queue, servicer, last)
 
 
 async def start_server(
@@ -128,8 +134,10 @@ async def start_server(
         port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
+    # health is known before the first probe can arrive (else NOT_FOUND, or a stale answer)
+    status = await _update_health(queue, health_servicer, None)
     await server.start()
-    watcher = asyncio.create_task(_watch_health(queue, health_servicer))
+    watcher = asyncio.create_task(_watch_health(queue, health_servicer, status))
     log.info("serving", listen=config.listen, port=port, model=detector.name,
              queue=config.queue, diarization=diarization is not None,
              auth=bool(config.auth_token), tls=bool(config.tls_cert))
