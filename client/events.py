@@ -57,7 +57,8 @@ class EventFormatter:
                            "end": round(a.end_seconds, 3),
                            "spoof_probability": round(a.spoof_probability, 4)}
         s = response.summary
-        speakers = [_speaker(v) for v in s.speakers]
+        speakers = [_speaker(v) | {"speech": [[round(r.start_seconds, 2), round(r.end_seconds, 2)]
+                                              for r in v.speech]} for v in s.speakers]
         return base | {
             "start": 0.0, "end": round(s.audio_seconds, 3),
             "spoof_probability": max((v["spoof_probability"] for v in speakers), default=0.0),

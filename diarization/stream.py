@@ -196,6 +196,11 @@ class StreamingDiarizer:
         active = self.models.segment(self._buffer)  # (frames, k)
         frames, k = active.shape
         frame_seconds = c.buffer_seconds / frames
+        before_call = c.buffer_seconds - self._buffer_end  # the zero padding of the first steps
+        if before_call > 0:
+            # the model can call digital silence speech; an embedding of it made a spurious
+            # first label ("A" with ~1 s) on 9 of the 10 dev calls
+            active[: int(np.ceil(before_call / frame_seconds))] = 0
         clean = active * (active.sum(axis=1) == 1)[:, None]
         clean_seconds = clean.sum(axis=0) * frame_seconds
         mapping: list[int | None] = [None] * k

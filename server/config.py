@@ -8,6 +8,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from server.verdicts import DEFAULT_RULE, RULES
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -48,6 +50,7 @@ class ServerConfig:
     diarization_segmentation: str = ""  # segmentation .ckpt; "" = diarization/checkpoints
     diarization_pipeline: str = ""  # official pyannote pipeline directory for Detect
     diarization_step: float = 0.5  # seconds between two streaming diarization steps
+    verdict_rule: str = DEFAULT_RULE  # server.verdicts: "evidence" (CUSUM) or "ema" (earlier)
 
     @property
     def peer_limit(self) -> int:
@@ -119,6 +122,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--diarization-pipeline", metavar="DIR",
                    default=_env("diarization_pipeline", d.diarization_pipeline),
                    help="local official pyannote pipeline for Detect (loaded offline)")
+    p.add_argument("--verdict-rule", choices=sorted(RULES),
+                   default=_env("verdict_rule", d.verdict_rule),
+                   help="per-speaker alert rule: evidence (CUSUM over calibrated log-odds, "
+                        "default) or ema (the earlier moving average)")
     p.add_argument("--diarization-step", type=float,
                    default=float(_env("diarization_step", d.diarization_step)),
                    help="seconds between streaming diarization steps (0.25 to 1)")

@@ -134,7 +134,8 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
             attributor = self.diarization.stream_attributor()
         return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
                        max_inflight=self.config.max_inflight_per_stream, attributor=attributor,
-                       call_id_logging=self.call_id_logging)
+                       call_id_logging=self.call_id_logging,
+                       verdict_rule=self.config.verdict_rule)
 
     async def _serve(
         self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],

@@ -22,13 +22,12 @@ import structlog
 
 from callshield.v1 import detection_pb2 as pb
 from server import metrics
-from server.aggregation import CallAggregator
+from server.lanes import Lane, Lanes
 from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, WindowJob, WindowScore
 from server.settings import StreamSettings
-from server.windowing import Window, Windower
-
-FIRST_WINDOW_SECONDS = 1.0
+from server.verdicts import DEFAULT_RULE, Alert, Verdict
+from server.windowing import Window
 
 
 class SpeakerAttributor(Protocol):
@@ -65,9 +64,21 @@ class ChannelAttributor:
         return []
 
 
+def verdict_pb(v: Verdict, ranges: Sequence[tuple[float, float]] = ()) -> pb.SpeakerVerdict:
+    return pb.SpeakerVerdict(
+        speaker=v.speaker, spoof_probability=v.probability, state=int(v.state),
+        speech_seconds=v.speech_seconds,
+        speech=[pb.TimeRange(start_seconds=a, end_seconds=b) for a, b in ranges])
+
+
+def alert_pb(a: Alert) -> pb.Alert:
+    return pb.Alert(speaker=a.speaker, start_seconds=a.start, end_seconds=a.end,
+                    spoof_probability=a.probability)
+
+
 @dataclass
 class _Pending:
-    speaker: str
+    lane: Lane
     window: Window
     task: asyncio.Task[WindowScore]
     received: float  # perf_counter when the chunk completing the window arrived
@@ -86,18 +97,15 @@ class Session:
         self, settings: StreamSettings, queue: InferenceQueue, model_rate: int,
         stream_id: str, max_inflight: int = 8,
         attributor: SpeakerAttributor | None = None,
-        call_id_logging: CallIdLogging | None = None,
+        call_id_logging: CallIdLogging | None = None, verdict_rule: str = DEFAULT_RULE,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.stream_id = stream_id
         self.model_rate = model_rate
         self.attributor = attributor or ChannelAttributor(settings.speakers)
-        self.windowers: dict[str, Windower] = {}
-        self._attributed = 0  # samples of call time handed to the windowers so far
-        self.aggregator = CallAggregator(settings.alert_threshold)
-        for speaker in self.attributor.speakers:
-            self._windower(speaker)
+        self.lanes = Lanes(model_rate, settings.window_seconds, settings.hop_seconds,
+                           settings.alert_threshold, verdict_rule, self.attributor.speakers)
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: asyncio.Queue[_Pending | _Failed | object] = asyncio.Queue()
         self._job_ids = itertools.count()
@@ -107,18 +115,9 @@ class Session:
 
     @property
     def audio_seconds(self) -> float:
-        return max((w.total for w in self.windowers.values()), default=0) / self.model_rate
+        return self.lanes.audio_seconds
 
-    def _windower(self, speaker: str) -> Windower:
-        """The speaker's windower; one that appears mid-call starts at the current call time."""
-        if speaker not in self.windowers:
-            self.windowers[speaker] = Windower(
-                self.model_rate, self.settings.window_seconds, self.settings.hop_seconds,
-                FIRST_WINDOW_SECONDS, start_sample=self._attributed)
-            self.aggregator.track(speaker)
-        return self.windowers[speaker]
-
-    async def _attribute(self, channels: Sequence[np.ndarray] | None) -> list[tuple[str, Window]]:
+    async def _attribute(self, channels: Sequence[np.ndarray] | None) -> list[tuple[Lane, Window]]:
         """Windows completed by one chunk (``None``: the end of the stream)."""
         a = self.attributor
         if channels is None:
@@ -127,18 +126,13 @@ class Session:
             parts = await asyncio.to_thread(a.attribute, channels)
         else:
             parts = a.attribute(channels)
-        windows = []
-        length = 0
-        for speaker, audio in parts:
-            length = audio.shape[0]
-            if speaker:
-                windows += [(speaker, w) for w in self._windower(speaker).push(audio)]
-        self._attributed += length
-        for speaker, windower in self.windowers.items():  # silent in this chunk: keep time
-            if windower.total < self._attributed:
-                gap = np.zeros(self._attributed - windower.total, np.float32)
-                windows += [(speaker, w) for w in windower.push(gap)]
-        return windows
+        return self.lanes.push(parts)
+
+    def summary(self) -> pb.StreamSummary:
+        return pb.StreamSummary(
+            call_id=self.settings.call_id,
+            speakers=[verdict_pb(s.verdict, s.speech_ranges) for s in self.lanes.summary()],
+            audio_seconds=self.audio_seconds, windows_scored=self.lanes.windows_scored)
 
     async def run(
         self, source: AsyncIterator[Sequence[np.ndarray]]
@@ -159,7 +153,7 @@ class Session:
                 for event in self._events(item, score):
                     yield event
                 metrics.WINDOW_LATENCY_SECONDS.observe(time.perf_counter() - item.received)
-            summary = self.aggregator.summary(self.settings.call_id, self.audio_seconds)
+            summary = self.summary()
             self.log.info("stream summary", windows=summary.windows_scored,
                           audio_seconds=round(summary.audio_seconds, 2),
                           verdicts={v.speaker: pb.SpeakerState.Name(v.state)
@@ -178,44 +172,40 @@ class Session:
         try:
             async for channels in source:
                 received = time.perf_counter()
-                for speaker, window in await self._attribute(channels):
-                    await self._submit(speaker, window, received)
+                for lane, window in await self._attribute(channels):
+                    await self._submit(lane, window, received)
             received = time.perf_counter()
-            for speaker, window in await self._attribute(None):
-                await self._submit(speaker, window, received)
-            for speaker, windower in self.windowers.items():
-                for window in windower.flush():
-                    await self._submit(speaker, window, received)
+            for lane, window in await self._attribute(None) + self.lanes.flush():
+                await self._submit(lane, window, received)
             self._pending.put_nowait(_END)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # handed to the response side, which owns the status
             self._pending.put_nowait(_Failed(exc))
 
-    async def _submit(self, speaker: str, window: Window, received: float) -> None:
+    async def _submit(self, lane: Lane, window: Window, received: float) -> None:
         if not window.has_speech:
             return
         await self._slots.acquire()
         job = WindowJob(f"{self.stream_id}:{next(self._job_ids)}", self.stream_id, window.audio)
         task = asyncio.create_task(self.queue.submit(job))
-        self._pending.put_nowait(_Pending(speaker, window, task, received))
+        self._pending.put_nowait(_Pending(lane, window, task, received))
 
     def _events(self, item: _Pending, score: WindowScore) -> list[pb.StreamDetectResponse]:
         metrics.WINDOWS_SCORED.inc()
         w = item.window
-        track = self.aggregator.track(item.speaker)
-        changed, alert = track.update(score.spoof_probability, w.start, w.end, w.speech_total)
+        rule = item.lane.rule
+        update = rule.update(score.spoof_probability, w.start, w.end, w.speech_total)
         events = []
         if self.settings.interim_results:
             events.append(pb.StreamDetectResponse(window=pb.WindowResult(
-                start_seconds=w.start, end_seconds=w.end, speaker=item.speaker,
+                start_seconds=w.start, end_seconds=w.end, speaker=item.lane.speaker,
                 spoof_probability=score.spoof_probability, model=score.model)))
-        if self.settings.interim_results or changed:
-            events.append(pb.StreamDetectResponse(verdict=track.verdict()))
-        if alert is not None:
+        if self.settings.interim_results or update.changed:
+            events.append(pb.StreamDetectResponse(verdict=verdict_pb(rule.verdict())))
+        if (alert := update.alert) is not None:
             metrics.ALERTS.inc()
-            self.log.warning("spoof alert", speaker=alert.speaker,
-                             start=alert.start_seconds, end=alert.end_seconds,
-                             spoof_probability=round(alert.spoof_probability, 3))
-            events.append(pb.StreamDetectResponse(alert=alert))
+            self.log.warning("spoof alert", speaker=alert.speaker, start=round(alert.start, 2),
+                             end=round(alert.end, 2), spoof_probability=round(alert.probability, 3))
+            events.append(pb.StreamDetectResponse(alert=alert_pb(alert)))
         return events

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 
 from callshield.v1 import detection_pb2 as pb
-from server.aggregation import DEFAULT_THRESHOLD
 from server.audio import InvalidAudio, check_format
+from server.verdicts import DEFAULT_THRESHOLD
 
 MIN_WINDOW_SECONDS, MAX_WINDOW_SECONDS = 0.5, 10.0
 MIN_HOP_SECONDS = 0.25  # smaller hops multiply the load of a stream

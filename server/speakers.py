@@ -50,8 +50,11 @@ class DiarizingAttributor:
 
     blocking = True
 
-    def __init__(self, diarizer: Any) -> None:
+    def __init__(self, diarizer: Any, record: bool = False) -> None:
+        """``record``: keep every sample's label (``labels``), for benchmarks that score the
+        diarization of the very run whose windows they score."""
         self.diarizer = diarizer
+        self.labels: list[np.ndarray] | None = [] if record else None
 
     @property
     def speakers(self) -> Sequence[str]:
@@ -62,6 +65,8 @@ class DiarizingAttributor:
             return []
         audio = np.concatenate([a for a, _ in steps])
         labels = np.concatenate([lab for _, lab in steps])
+        if self.labels is not None:
+            self.labels.append(labels)
         return _split(audio, labels, self.diarizer.speakers)
 
     def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:

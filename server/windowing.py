@@ -27,6 +27,8 @@ SPEECH_DBFS = -50.0  # a frame louder than this counts as speech (call noise flo
 MIN_SPEECH_FRACTION = 0.25  # of a window, for it to be scored
 MIN_SPEECH_SECONDS = 0.5  # and at least this much: shorter speech repeats too often when padded
 MIN_TAIL_SECONDS = 0.5  # shortest audio a final window may rest on
+RANGE_GAP_SECONDS = 0.3  # a pause shorter than this stays inside one speech range
+MAX_RANGES = 512  # per speaker; past it the closest neighbours merge (memory stays bounded)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,35 @@ def speech_only(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float]
     return repeat_pad(frames[mask].reshape(-1), audio.shape[0]), seconds
 
 
+class SpeechRanges:
+    """When a speaker spoke, as merged ``[start, end]`` call-time ranges (the summary's
+    per-speaker time ranges, for an agent's UI): the same energy gate that counts speech."""
+
+    def __init__(self) -> None:
+        self.ranges: list[list[float]] = []
+
+    def add(self, start: float, mask: np.ndarray, frame_seconds: float) -> None:
+        """``mask``: speech frames of consecutive ``frame_seconds`` frames from ``start``."""
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return
+        breaks = np.flatnonzero(np.diff(idx) > 1)
+        firsts = idx[np.r_[0, breaks + 1]]
+        lasts = idx[np.r_[breaks, idx.size - 1]] + 1
+        for a, b in zip(firsts, lasts, strict=True):
+            self._append(start + a * frame_seconds, start + b * frame_seconds)
+
+    def _append(self, a: float, b: float) -> None:
+        if self.ranges and a - self.ranges[-1][1] <= RANGE_GAP_SECONDS:
+            self.ranges[-1][1] = max(self.ranges[-1][1], b)
+        else:
+            self.ranges.append([a, b])
+        if len(self.ranges) > MAX_RANGES:
+            gaps = [self.ranges[i + 1][0] - self.ranges[i][1] for i in range(MAX_RANGES)]
+            i = int(np.argmin(gaps))
+            self.ranges[i][1] = self.ranges.pop(i + 1)[1]
+
+
 class Windower:
     """Cuts one speaker's audio into windows ending at ``first, first + hop, ...`` seconds.
 
@@ -94,6 +125,7 @@ class Windower:
         self._buf_start = start_sample  # stream sample index of _buf[0]
         self.total = start_sample  # samples received, counted from the start of the call
         self._speech_total = 0.0
+        self.speech = SpeechRanges()
 
     def push(self, audio: np.ndarray) -> list[Window]:
         self._buf = np.concatenate([self._buf, audio.astype(np.float32, copy=False)])
@@ -122,7 +154,9 @@ class Windower:
         new_from = max(start, self._last_end) - start
         self._last_end = end
         rate = self.sample_rate
-        self._speech_total += speech_seconds(audio[new_from:], rate)
+        _, mask = _speech_frames(audio[new_from:], rate)
+        self._speech_total += float(np.count_nonzero(mask) * SPEECH_FRAME_SECONDS)
+        self.speech.add((start + new_from) / rate, mask, SPEECH_FRAME_SECONDS)
         speech, seconds = speech_only(audio, rate)
         return Window(
             start=start / rate, end=end / rate, audio=speech,

@@ -115,10 +115,12 @@ def test_pyannote_sample_streaming_der_and_stable_labels(diarization_models: Any
 
 
 # The 10 dev calls of ../shared/calls, collar 0.25 s, as bench/results/diarization.md measured
-# them (offline 13.9 %, streaming 21.8 %); the margin (+4 points) absorbs float differences
+# them (offline 13.9 %, streaming 20.3 %); the margin (+4 points) absorbs float differences
 # between CPUs in clustering, not a regression of a whole call.
 DEV_CALLS_OFFLINE_DER = 0.139 + 0.04
-DEV_CALLS_STREAM_DER = 0.218 + 0.04
+DEV_CALLS_STREAM_DER = 0.203 + 0.04
+# Streaming speaker count right on 8 of the 10 (7 of the 8 two-party calls)
+DEV_CALLS_STREAM_COUNT_RIGHT = 8 - 1
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +146,18 @@ def test_dev_calls_der_near_the_measured_values(
         stream.append((ref, annotation(dev_stream_turns[call.uri])))
     assert der(offline, collar=0.25) <= DEV_CALLS_OFFLINE_DER
     assert der(stream, collar=0.25) <= DEV_CALLS_STREAM_DER
+
+
+def test_two_party_calls_come_out_with_two_labels(dev_stream_turns: dict[str, Any]) -> None:
+    """No spurious label from the start of a call (the zero-padded first buffers once made a
+    label "A" with about a second of speech on 9 of the 10 calls)."""
+    calls = shared_calls(require(CALLS))
+    counts = {c.uri: (len(reference(c).labels()),
+                      len({label for *_, label in dev_stream_turns[c.uri]})) for c in calls}
+    two_party = [uri for uri, (ref, _) in counts.items() if ref == 2]
+    assert len(two_party) == 8
+    assert sum(counts[uri][1] == 2 for uri in two_party) >= 7, counts
+    assert sum(ref == hyp for ref, hyp in counts.values()) >= DEV_CALLS_STREAM_COUNT_RIGHT
 
 
 def test_streaming_labels_are_deterministic(diarization_models: Any) -> None:
@@ -186,7 +200,8 @@ async def test_spoof_call_alert_names_the_spoofed_party(
     turns = diarize_stream(StreamingDiarizer(diarization_models, 8000), call.load())
     voices = label_to_voice(reference(call), annotation(turns))
     assert code == 3 and alerts
-    assert {voices.get(a["speaker"]) for a in alerts} <= call.spoof_voices
+    # the first alert names the cloned voice, within 5 s of its first word
+    assert voices.get(alerts[0]["speaker"]) in call.spoof_voices
     assert alerts[0]["end"] - call.first_spoof_seconds <= 5.0
 
 
@@ -197,12 +212,12 @@ async def test_bonafide_call_raises_no_alert(diarizing_server: RunningServer) ->
     assert code == 0 and not [e for e in events if e["type"] == "alert"]
 
 
-# Measured on the dev calls through the diarizing server (bench/results/diarization.md):
-# the spoofed voice flagged in 6 of 7 spoof calls, a bona fide voice flagged in 4 of 10
-# calls. One call of margin each way: a regression of the detector, the diarization or the
-# verdict rule on any two calls fails this.
-DEV_SPOOF_CALLS_FLAGGED = 6 - 1
-DEV_CALLS_BONAFIDE_FLAGGED = 4 + 1
+# Measured on the dev calls with the streaming diarizer and the evidence rule
+# (bench/results/diarization.md, the server's own lanes): the spoofed voice flagged in 5 of 7
+# spoof calls, a bona fide voice flagged in 1 of 10 calls. One call of margin each way: a
+# regression of the detector, the diarization or the verdict rule on two calls fails this.
+DEV_SPOOF_CALLS_FLAGGED = 5 - 1
+DEV_CALLS_BONAFIDE_FLAGGED = 1 + 1
 
 
 async def test_dev_calls_verdicts_near_the_measured_values(

@@ -12,7 +12,6 @@ import soxr
 
 from callshield.v1 import detection_pb2 as pb
 from models.data.augment import alaw_encode, mulaw_encode
-from server.aggregation import CallAggregator
 from server.audio import (
     MAX_CHUNK_BYTES,
     DecodeCancelled,
@@ -22,7 +21,9 @@ from server.audio import (
     decode_raw,
     pcm_from_bytes,
 )
+from server.lanes import Lanes
 from server.settings import parse_settings
+from server.verdicts import EmaRule, State
 from server.windowing import Windower
 
 
@@ -103,39 +104,39 @@ def test_silence_is_not_speech() -> None:
     assert not window.has_speech and window.speech_total == 0
 
 
-def test_hysteresis_and_one_alert_per_speaker() -> None:
-    agg = CallAggregator(threshold=0.5)
-    track = agg.track("B")
+def test_ema_rule_hysteresis_and_one_alert_per_speaker() -> None:
+    track = EmaRule("B", threshold=0.5)
     probs = [0.9, 0.9, 0.9, 0.45, 0.1, 0.1, 0.9, 0.9]
-    events = [track.update(p, i, i + 1, float(i + 1)) for i, p in enumerate(probs)]
-    assert track.state == pb.SPEAKER_STATE_SPOOF_SUSPECTED
-    alerts = [a for _, a in events if a is not None]
+    updates = [track.update(p, i, i + 1, float(i + 1)) for i, p in enumerate(probs)]
+    assert track.state == State.SPOOF_SUSPECTED
+    alerts = [u.alert for u in updates if u.alert is not None]
     assert len(alerts) == 1 and alerts[0].speaker == "B"
     # unknown for the first second of speech, then confirmed by two windows
-    assert [changed for changed, _ in events][:3] == [False, True, False]
-    summary = agg.summary("c", 8.0)
-    assert summary.speakers[0].state == pb.SPEAKER_STATE_SPOOF_SUSPECTED
-    assert summary.windows_scored == 8
+    assert [u.changed for u in updates][:3] == [False, True, False]
+    assert track.final_verdict().state == State.SPOOF_SUSPECTED
 
 
-def test_low_scores_become_likely_bonafide() -> None:
-    track = CallAggregator().track("A")
+def test_ema_rule_low_scores_become_likely_bonafide() -> None:
+    track = EmaRule("A")
     for i in range(4):
         track.update(0.05, i, i + 1, float(i + 1))
-    assert track.state == pb.SPEAKER_STATE_LIKELY_BONAFIDE and not track.alerted
+    assert track.state == State.LIKELY_BONAFIDE and not track.alerted
+
+
+def test_states_are_the_protobuf_numbers() -> None:
+    for state in State:
+        assert pb.SpeakerState.Value(f"SPEAKER_STATE_{state.name}") == state
 
 
 def test_summary_lists_speakers_heard_in_order_of_first_speech() -> None:
     """A silent leg or a label that never got a window has no verdict to report; the rest
     come in the order they first spoke, whatever order their labels were made in."""
-    agg = CallAggregator()
-    for name in ("caller", "agent", "B"):
-        agg.track(name)  # SPLIT legs and diarization labels exist before anyone speaks
-    agg.track("agent").update(0.1, 4.0, 8.0, 3.0)
-    agg.track("caller").update(0.1, 6.0, 10.0, 2.0)
-    summary = agg.summary("c", 10.0)
-    assert [v.speaker for v in summary.speakers] == ["agent", "caller"]
-    assert all(v.speech_seconds > 0 for v in summary.speakers)
+    lanes = Lanes(8000, 4.0, 1.0, speakers=("caller", "agent", "B"))
+    lanes.lane("agent").rule.update(0.1, 4.0, 8.0, 3.0)
+    lanes.lane("caller").rule.update(0.1, 6.0, 10.0, 2.0)
+    summary = lanes.summary()
+    assert [s.verdict.speaker for s in summary] == ["agent", "caller"]
+    assert all(s.verdict.speech_seconds > 0 for s in summary)
 
 
 def test_detect_decoding_block_by_block_equals_whole_recording_resampling() -> None:

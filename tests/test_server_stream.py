@@ -62,6 +62,9 @@ async def test_split_mode_scores_each_party_and_skips_silence(
     # the silent party has no verdict to report: the summary names only who spoke
     assert [v.speaker for v in summary.speakers] == ["agent"]
     assert summary.speakers[0].speech_seconds > 0
+    # and when it spoke: one range over the 3 s of noise, in call time
+    ranges = [(r.start_seconds, r.end_seconds) for r in summary.speakers[0].speech]
+    assert len(ranges) == 1 and ranges[0][0] < 0.1 and 2.9 < ranges[0][1] <= 3.0
 
 
 async def test_mulaw_at_16_khz_is_resampled(stub: pb_grpc.DetectionServiceStub) -> None:

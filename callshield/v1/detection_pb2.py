@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x61llshield/v1/detection.proto\x12\rcallshield.v1\"\xa0\x02\n\x0cStreamConfig\x12.\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1c.callshield.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x30\n\x0c\x63hannel_mode\x18\x04 \x01(\x0e\x32\x1a.callshield.v1.ChannelMode\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\t\x12\x14\n\x0cparty_labels\x18\x06 \x03(\t\x12\x16\n\x0ewindow_seconds\x18\x07 \x01(\x02\x12\x13\n\x0bhop_seconds\x18\x08 \x01(\x02\x12\x17\n\x0finterim_results\x18\t \x01(\x08\x12\x17\n\x0f\x61lert_threshold\x18\n \x01(\x02\"j\n\x13StreamDetectRequest\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1b.callshield.v1.StreamConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\x13\n\x11streaming_request\"u\n\x0cWindowResult\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07speaker\x18\x03 \x01(\t\x12\x19\n\x11spoof_probability\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\"\x80\x01\n\x0eSpeakerVerdict\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x12\x19\n\x11spoof_probability\x18\x02 \x01(\x02\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.callshield.v1.SpeakerState\x12\x16\n\x0espeech_seconds\x18\x04 \x01(\x01\"_\n\x05\x41lert\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x12\x15\n\rstart_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x03 \x01(\x01\x12\x19\n\x11spoof_probability\x18\x04 \x01(\x02\"\x80\x01\n\rStreamSummary\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12/\n\x08speakers\x18\x02 \x03(\x0b\x32\x1d.callshield.v1.SpeakerVerdict\x12\x15\n\raudio_seconds\x18\x03 \x01(\x01\x12\x16\n\x0ewindows_scored\x18\x04 \x01(\x05\"\xd8\x01\n\x14StreamDetectResponse\x12-\n\x06window\x18\x01 \x01(\x0b\x32\x1b.callshield.v1.WindowResultH\x00\x12\x30\n\x07verdict\x18\x02 \x01(\x0b\x32\x1d.callshield.v1.SpeakerVerdictH\x00\x12%\n\x05\x61lert\x18\x03 \x01(\x0b\x32\x14.callshield.v1.AlertH\x00\x12/\n\x07summary\x18\x04 \x01(\x0b\x32\x1c.callshield.v1.StreamSummaryH\x00\x42\x07\n\x05\x65vent\"K\n\rDetectRequest\x12\r\n\x05\x61udio\x18\x01 \x01(\x0c\x12+\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.callshield.v1.StreamConfig\"m\n\x0e\x44\x65tectResponse\x12,\n\x07windows\x18\x01 \x03(\x0b\x32\x1b.callshield.v1.WindowResult\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.callshield.v1.StreamSummary\"\x11\n\x0fGetModelRequest\"*\n\x0b\x43\x61libration\x12\r\n\x05scale\x18\x01 \x01(\x01\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\xa8\x01\n\x10GetModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x04 \x01(\x05\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x01\x12/\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x1a.callshield.v1.Calibration*\x7f\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x02\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x03*[\n\x0b\x43hannelMode\x12\x1c\n\x18\x43HANNEL_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANNEL_MODE_MIXED\x10\x01\x12\x16\n\x12\x43HANNEL_MODE_SPLIT\x10\x02*\x8e\x01\n\x0cSpeakerState\x12\x1d\n\x19SPEAKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SPEAKER_STATE_UNKNOWN\x10\x01\x12!\n\x1dSPEAKER_STATE_LIKELY_BONAFIDE\x10\x02\x12!\n\x1dSPEAKER_STATE_SPOOF_SUSPECTED\x10\x03\x32\x83\x02\n\x10\x44\x65tectionService\x12[\n\x0cStreamDetect\x12\".callshield.v1.StreamDetectRequest\x1a#.callshield.v1.StreamDetectResponse(\x01\x30\x01\x12\x45\n\x06\x44\x65tect\x12\x1c.callshield.v1.DetectRequest\x1a\x1d.callshield.v1.DetectResponse\x12K\n\x08GetModel\x12\x1e.callshield.v1.GetModelRequest\x1a\x1f.callshield.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x61llshield/v1/detection.proto\x12\rcallshield.v1\"\xa0\x02\n\x0cStreamConfig\x12.\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1c.callshield.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x30\n\x0c\x63hannel_mode\x18\x04 \x01(\x0e\x32\x1a.callshield.v1.ChannelMode\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\t\x12\x14\n\x0cparty_labels\x18\x06 \x03(\t\x12\x16\n\x0ewindow_seconds\x18\x07 \x01(\x02\x12\x13\n\x0bhop_seconds\x18\x08 \x01(\x02\x12\x17\n\x0finterim_results\x18\t \x01(\x08\x12\x17\n\x0f\x61lert_threshold\x18\n \x01(\x02\"j\n\x13StreamDetectRequest\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1b.callshield.v1.StreamConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\x13\n\x11streaming_request\"u\n\x0cWindowResult\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07speaker\x18\x03 \x01(\t\x12\x19\n\x11spoof_probability\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\"\xaa\x01\n\x0eSpeakerVerdict\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x12\x19\n\x11spoof_probability\x18\x02 \x01(\x02\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.callshield.v1.SpeakerState\x12\x16\n\x0espeech_seconds\x18\x04 \x01(\x01\x12(\n\x06speech\x18\x05 \x03(\x0b\x32\x18.callshield.v1.TimeRange\"7\n\tTimeRange\x12\x15\n\rstart_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x02 \x01(\x01\"_\n\x05\x41lert\x12\x0f\n\x07speaker\x18\x01 \x01(\t\x12\x15\n\rstart_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x03 \x01(\x01\x12\x19\n\x11spoof_probability\x18\x04 \x01(\x02\"\x80\x01\n\rStreamSummary\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12/\n\x08speakers\x18\x02 \x03(\x0b\x32\x1d.callshield.v1.SpeakerVerdict\x12\x15\n\raudio_seconds\x18\x03 \x01(\x01\x12\x16\n\x0ewindows_scored\x18\x04 \x01(\x05\"\xd8\x01\n\x14StreamDetectResponse\x12-\n\x06window\x18\x01 \x01(\x0b\x32\x1b.callshield.v1.WindowResultH\x00\x12\x30\n\x07verdict\x18\x02 \x01(\x0b\x32\x1d.callshield.v1.SpeakerVerdictH\x00\x12%\n\x05\x61lert\x18\x03 \x01(\x0b\x32\x14.callshield.v1.AlertH\x00\x12/\n\x07summary\x18\x04 \x01(\x0b\x32\x1c.callshield.v1.StreamSummaryH\x00\x42\x07\n\x05\x65vent\"K\n\rDetectRequest\x12\r\n\x05\x61udio\x18\x01 \x01(\x0c\x12+\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.callshield.v1.StreamConfig\"m\n\x0e\x44\x65tectResponse\x12,\n\x07windows\x18\x01 \x03(\x0b\x32\x1b.callshield.v1.WindowResult\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.callshield.v1.StreamSummary\"\x11\n\x0fGetModelRequest\"*\n\x0b\x43\x61libration\x12\r\n\x05scale\x18\x01 \x01(\x01\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\xa8\x01\n\x10GetModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x04 \x01(\x05\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x01\x12/\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x1a.callshield.v1.Calibration*\x7f\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x02\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x03*[\n\x0b\x43hannelMode\x12\x1c\n\x18\x43HANNEL_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANNEL_MODE_MIXED\x10\x01\x12\x16\n\x12\x43HANNEL_MODE_SPLIT\x10\x02*\x8e\x01\n\x0cSpeakerState\x12\x1d\n\x19SPEAKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SPEAKER_STATE_UNKNOWN\x10\x01\x12!\n\x1dSPEAKER_STATE_LIKELY_BONAFIDE\x10\x02\x12!\n\x1dSPEAKER_STATE_SPOOF_SUSPECTED\x10\x03\x32\x83\x02\n\x10\x44\x65tectionService\x12[\n\x0cStreamDetect\x12\".callshield.v1.StreamDetectRequest\x1a#.callshield.v1.StreamDetectResponse(\x01\x30\x01\x12\x45\n\x06\x44\x65tect\x12\x1c.callshield.v1.DetectRequest\x1a\x1d.callshield.v1.DetectResponse\x12K\n\x08GetModel\x12\x1e.callshield.v1.GetModelRequest\x1a\x1f.callshield.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'callshield.v1.detection_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=1566
-  _globals['_AUDIOENCODING']._serialized_end=1693
-  _globals['_CHANNELMODE']._serialized_start=1695
-  _globals['_CHANNELMODE']._serialized_end=1786
-  _globals['_SPEAKERSTATE']._serialized_start=1789
-  _globals['_SPEAKERSTATE']._serialized_end=1931
+  _globals['_AUDIOENCODING']._serialized_start=1665
+  _globals['_AUDIOENCODING']._serialized_end=1792
+  _globals['_CHANNELMODE']._serialized_start=1794
+  _globals['_CHANNELMODE']._serialized_end=1885
+  _globals['_SPEAKERSTATE']._serialized_start=1888
+  _globals['_SPEAKERSTATE']._serialized_end=2030
   _globals['_STREAMCONFIG']._serialized_start=49
   _globals['_STREAMCONFIG']._serialized_end=337
   _globals['_STREAMDETECTREQUEST']._serialized_start=339
@@ -44,23 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WINDOWRESULT']._serialized_start=447
   _globals['_WINDOWRESULT']._serialized_end=564
   _globals['_SPEAKERVERDICT']._serialized_start=567
-  _globals['_SPEAKERVERDICT']._serialized_end=695
-  _globals['_ALERT']._serialized_start=697
-  _globals['_ALERT']._serialized_end=792
-  _globals['_STREAMSUMMARY']._serialized_start=795
-  _globals['_STREAMSUMMARY']._serialized_end=923
-  _globals['_STREAMDETECTRESPONSE']._serialized_start=926
-  _globals['_STREAMDETECTRESPONSE']._serialized_end=1142
-  _globals['_DETECTREQUEST']._serialized_start=1144
-  _globals['_DETECTREQUEST']._serialized_end=1219
-  _globals['_DETECTRESPONSE']._serialized_start=1221
-  _globals['_DETECTRESPONSE']._serialized_end=1330
-  _globals['_GETMODELREQUEST']._serialized_start=1332
-  _globals['_GETMODELREQUEST']._serialized_end=1349
-  _globals['_CALIBRATION']._serialized_start=1351
-  _globals['_CALIBRATION']._serialized_end=1393
-  _globals['_GETMODELRESPONSE']._serialized_start=1396
-  _globals['_GETMODELRESPONSE']._serialized_end=1564
-  _globals['_DETECTIONSERVICE']._serialized_start=1934
-  _globals['_DETECTIONSERVICE']._serialized_end=2193
+  _globals['_SPEAKERVERDICT']._serialized_end=737
+  _globals['_TIMERANGE']._serialized_start=739
+  _globals['_TIMERANGE']._serialized_end=794
+  _globals['_ALERT']._serialized_start=796
+  _globals['_ALERT']._serialized_end=891
+  _globals['_STREAMSUMMARY']._serialized_start=894
+  _globals['_STREAMSUMMARY']._serialized_end=1022
+  _globals['_STREAMDETECTRESPONSE']._serialized_start=1025
+  _globals['_STREAMDETECTRESPONSE']._serialized_end=1241
+  _globals['_DETECTREQUEST']._serialized_start=1243
+  _globals['_DETECTREQUEST']._serialized_end=1318
+  _globals['_DETECTRESPONSE']._serialized_start=1320
+  _globals['_DETECTRESPONSE']._serialized_end=1429
+  _globals['_GETMODELREQUEST']._serialized_start=1431
+  _globals['_GETMODELREQUEST']._serialized_end=1448
+  _globals['_CALIBRATION']._serialized_start=1450
+  _globals['_CALIBRATION']._serialized_end=1492
+  _globals['_GETMODELRESPONSE']._serialized_start=1495
+  _globals['_GETMODELRESPONSE']._serialized_end=1663
+  _globals['_DETECTIONSERVICE']._serialized_start=2033
+  _globals['_DETECTIONSERVICE']._serialized_end=2292
 # @@protoc_insertion_point(module_scope)

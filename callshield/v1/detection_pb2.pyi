@@ -85,16 +85,26 @@ class WindowResult(_message.Message):
     def __init__(self, start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ..., speaker: _Optional[str] = ..., spoof_probability: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class SpeakerVerdict(_message.Message):
-    __slots__ = ("speaker", "spoof_probability", "state", "speech_seconds")
+    __slots__ = ("speaker", "spoof_probability", "state", "speech_seconds", "speech")
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     SPOOF_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPEECH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_FIELD_NUMBER: _ClassVar[int]
     speaker: str
     spoof_probability: float
     state: SpeakerState
     speech_seconds: float
-    def __init__(self, speaker: _Optional[str] = ..., spoof_probability: _Optional[float] = ..., state: _Optional[_Union[SpeakerState, str]] = ..., speech_seconds: _Optional[float] = ...) -> None: ...
+    speech: _containers.RepeatedCompositeFieldContainer[TimeRange]
+    def __init__(self, speaker: _Optional[str] = ..., spoof_probability: _Optional[float] = ..., state: _Optional[_Union[SpeakerState, str]] = ..., speech_seconds: _Optional[float] = ..., speech: _Optional[_Iterable[_Union[TimeRange, _Mapping]]] = ...) -> None: ...
+
+class TimeRange(_message.Message):
+    __slots__ = ("start_seconds", "end_seconds")
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    start_seconds: float
+    end_seconds: float
+    def __init__(self, start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("speaker", "start_seconds", "end_seconds", "spoof_probability")
