@@ -114,7 +114,7 @@ def start_worker(url: str, prefix: str, consumer: str, *extra: str) -> subproces
 
 def wait_ready(url: str, prefix: str, consumer: str, proc: subprocess.Popen[bytes]) -> None:
     """Until the worker's heartbeat key exists (it loads the model first)."""
-    from server.queue.redis_queue import RedisKeys
+    from server.queue.redis_protocol import RedisKeys
 
     client = redis.Redis.from_url(url)
     key = RedisKeys("default", prefix).heartbeat(consumer)
