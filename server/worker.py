@@ -7,47 +7,59 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from collections.abc import Sequence
 
 import structlog
 
 from models.inference import Detector, load_detector
+from server.config import PREFIX, EnvFlags
 from server.logs import configure, safe_url
 from server.queue.worker import Worker, WorkerConfig
 
 log = structlog.get_logger("callshield.worker")
 
 
-def _env(name: str, default: object) -> str:
-    return os.environ.get(f"CALLSHIELD_{name.upper()}", str(default))
+# Read from CALLSHIELD_<FLAG> when CALLSHIELD_WORKER_<FLAG> is not set: what must agree with
+# the servers of the deployment, which one environment file may serve both.
+SHARED_WITH_SERVER = ("redis_url", "model", "max_batch", "max_wait_ms", "log_level")
+# Names these settings had before the CALLSHIELD_WORKER_ scope; still read, with a warning.
+DEPRECATED_ENV = {"claim_idle_ms": f"{PREFIX}CLAIM_IDLE_MS", "prefix": f"{PREFIX}REDIS_PREFIX"}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[WorkerConfig, argparse.Namespace]:
+def parser() -> argparse.ArgumentParser:
+    """The worker's flags, each with its ``CALLSHIELD_WORKER_<FLAG>`` variable (and, for the
+    settings shared with the server, ``CALLSHIELD_<FLAG>`` after it)."""
     d = WorkerConfig()
     p = argparse.ArgumentParser(
         prog="python -m server.worker",
-        description="callshield Redis inference worker (flags also read from CALLSHIELD_<FLAG>)")
-    p.add_argument("--redis", "--redis-url", dest="redis_url",
-                   default=_env("redis_url", d.redis_url))
-    p.add_argument("--model", default=_env("model", d.model), help="model name or path")
-    p.add_argument("--device", default=_env("worker_device", d.device),
-                   help="auto (CUDA fp16 if present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--max-batch", type=int, default=int(_env("max_batch", d.max_batch)))
-    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", d.max_wait_ms)))
-    p.add_argument("--block-ms", type=int, default=d.block_ms)
-    p.add_argument("--claim-idle-ms", type=int,
-                   default=int(_env("claim_idle_ms", d.claim_idle_ms)))
-    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
-    p.add_argument("--heartbeat-ttl", type=float, default=d.heartbeat_ttl)
-    p.add_argument("--consumer", default=d.consumer, help="worker id (default host-pid)")
-    p.add_argument("--prefix", default=_env("redis_prefix", d.prefix),
-                   help="key prefix (several deployments can share one Redis)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--metrics-port", type=int, default=int(_env("worker_metrics_port", 0)))
-    p.add_argument("--log-level", default=_env("log_level", "info"))
-    args = p.parse_args(argv)
+        description="callshield Redis inference worker (flags also read from "
+                    "CALLSHIELD_WORKER_<FLAG>)")
+    env = EnvFlags(p, prefix=f"{PREFIX}WORKER_", shared=SHARED_WITH_SERVER,
+                   deprecated=DEPRECATED_ENV)
+    env.add("--redis", "--redis-url", dest="redis_url", default=d.redis_url)
+    env.add("--model", default=d.model, help="model name or path")
+    env.add("--device", default=d.device,
+            help="auto (CUDA fp16 if present, else CPU), cpu, cuda, cuda:N")
+    env.add("--max-batch", type=int, default=d.max_batch)
+    env.add("--max-wait-ms", type=float, default=d.max_wait_ms)
+    env.add("--block-ms", type=int, default=d.block_ms)
+    env.add("--claim-idle-ms", type=int, default=d.claim_idle_ms)
+    env.add("--max-attempts", type=int, default=d.max_attempts)
+    env.add("--heartbeat-ttl", type=float, default=d.heartbeat_ttl)
+    env.add("--consumer", default=d.consumer, help="worker id (default host-pid)")
+    env.add("--prefix", default=d.prefix,
+            help="key prefix (several deployments can share one Redis)")
+    env.add("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    env.add("--metrics-port", type=int, default=0)
+    env.add("--log-level", default="info")
+    p.set_defaults(deprecated_env=env.deprecated_used)  # read while the flags were added
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[WorkerConfig, argparse.Namespace]:
+    """Flags override environment variables, which override the defaults."""
+    args = parser().parse_args(argv)
     config = WorkerConfig(
         redis_url=args.redis_url, model=args.model, device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, block_ms=args.block_ms,
@@ -67,6 +79,8 @@ async def _amain(config: WorkerConfig, detector: Detector) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     config, args = parse_args(argv)
     configure(args.log_level)
+    for old, new in args.deprecated_env:
+        log.warning("deprecated_environment_variable", variable=old, use=new)
     if args.threads > 0:
         import torch
 
