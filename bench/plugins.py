@@ -23,8 +23,7 @@ import numpy as np
 
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
-from models.inference import load_detector  # noqa: E402
-from tests.plugin_peers import (  # noqa: E402
+from bench.plugin_peers import (  # noqa: E402
     AUDIOHOOK_KEY,
     TWILIO_TOKEN,
     Legs,
@@ -36,7 +35,8 @@ from tests.plugin_peers import (  # noqa: E402
     twilio_call,
     ws_url,
 )
-from tests.service_fixtures import noise_pcm, serving  # noqa: E402
+from models.inference import load_detector  # noqa: E402
+from server.devstack import noise_pcm, serving  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRAME_SECONDS = 0.02

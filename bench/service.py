@@ -50,10 +50,8 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -64,11 +62,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from callshield.v1 import detection_pb2 as pb
 from client import AsyncDetectionClient
 from client.audio import CHUNK_SECONDS, read_audio
+from server.devstack import SHARED, Stack, free_port
 from server.queue.base import InferenceQueue, WindowJob
 from server.windowing import SPEECH_FRAME_SECONDS, speech_seconds
 
@@ -77,7 +75,7 @@ if TYPE_CHECKING:  # torch loads only where a detector is really built
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SHARED_CALLS = ROOT.parent / "shared" / "calls"
+SHARED_CALLS = SHARED / "calls"
 EXAMPLES = ROOT / "examples"
 HOP_S = 1.0  # the server's default hop: "falling behind" means later than this
 LATE_FRACTION = 0.01  # more late windows than this and a stream count does not keep up
@@ -85,7 +83,6 @@ LATE_FRACTION = 0.01  # more late windows than this and a stream count does not 
 # sequence): the time to first verdict depends on where speech starts against the 1 s window
 # grid, so a fixed lead-in would measure one lucky (or unlucky) phase only.
 LEAD_IN_MIN_S = 0.2
-START_TIMEOUT_S = 180.0  # model loading on a loaded 2-core machine is slow
 DETAIL_MAX_STREAMS = 10  # runs up to this size keep every window's latency in the JSON
 _T0 = time.monotonic()
 
@@ -185,141 +182,16 @@ class AudioPool:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYANNOTE_METRICS_ENABLED": "false"}
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _ping_redis(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _live_workers(url: str, model: str) -> int:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0)
-    try:
-        return len(client.smembers(f"callshield:workers:{model}"))
-    except redis.RedisError:
-        return 0
-    finally:
-        client.close()
-
-
-class Stack:
-    """The processes behind one backend: [redis-server, workers,] the gRPC server.
-
-    Started and stopped synchronously (``Popen``, ``wait``), so that a failing start or a
-    cancelled benchmark always stops what it started; child output goes to a log file whose
-    tail is shown when a process dies.
-    """
-
-    def __init__(self, backend: str, args: argparse.Namespace, max_streams: int) -> None:
-        self.backend = backend
-        self.args = args
-        self.max_streams = max_streams
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.logdir = Path(tempfile.mkdtemp(prefix=f"bench-service-{backend}-"))
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.redis_url = ""
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logdir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(), stdout=log,
-                                stderr=subprocess.STDOUT)
-        log.close()  # the child holds its own descriptor
-        self.procs.append((name, proc))
-        return proc
-
-    def _check_alive(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                tail = (self.logdir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-
-    def start(self) -> None:
-        a = self.args
-        server_cmd = [sys.executable, "-m", "server", "--listen", self.target,
-                      "--model", a.model, "--device", "cpu", "--diarization", "off",
-                      "--metrics-port", str(self.metrics_port), "--log-level", "warning",
-                      "--max-streams", str(self.max_streams), "--max-batch", str(a.max_batch),
-                      "--max-wait-ms", str(a.max_wait_ms), "--grace-seconds", "0"]
-        if self.backend == "redis":
-            binary = shutil.which("redis-server")
-            if binary is None:
-                raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-            rport = free_port()
-            self.redis_url = f"redis://127.0.0.1:{rport}/0"
-            self._spawn("redis", [binary, "--port", str(rport), "--bind", "127.0.0.1",
-                                  "--save", "", "--appendonly", "no", "--dir", str(self.logdir)])
-            deadline = time.monotonic() + 10
-            while not _ping_redis(rport):
-                self._check_alive()
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not answer PING")
-                time.sleep(0.05)
-            for i in range(a.workers):
-                self._spawn(f"worker{i}", [
-                    sys.executable, "-m", "server.worker", "--redis", self.redis_url,
-                    "--model", a.model, "--device", "cpu", "--consumer", f"bench-{i}",
-                    "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms),
-                    "--log-level", "warning"])
-            server_cmd += ["--queue", "redis", "--redis-url", self.redis_url]
-        else:
-            server_cmd += ["--queue", "inprocess"]
-        self._spawn("server", server_cmd)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (self._serving() and (self.backend != "redis" or _live_workers(
-                self.redis_url, a.model) >= a.workers)):
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.backend} stack not serving after "
-                                   f"{START_TIMEOUT_S:.0f} s; logs in {self.logdir}")
-            time.sleep(0.25)
-
-    def _serving(self) -> bool:
-        with grpc.insecure_channel(self.target) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-            except grpc.RpcError:
-                return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    def stop(self) -> None:
-        for _name, proc in reversed(self.procs):  # server, then workers, then redis
-            _stop(proc)
-        self.procs.clear()
-        shutil.rmtree(self.logdir, ignore_errors=True)
+def make_stack(backend: str, args: argparse.Namespace, max_streams: int) -> Stack:
+    """The processes behind ``backend`` (:class:`server.devstack.Stack`), on CPU, without
+    diarization, logging to files; the server's metrics port is scraped around each run."""
+    batching = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    return Stack(
+        queue=backend, model=args.model, workers=args.workers, metrics_port=free_port(),
+        server_args=["--device", "cpu", "--diarization", "off", "--log-level", "warning",
+                     "--max-streams", str(max_streams), *batching, "--grace-seconds", "0"],
+        worker_args=["--device", "cpu", *batching, "--log-level", "warning"],
+        consumer_prefix="bench", logs=True)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -726,7 +598,7 @@ async def bench_backend(backend: str, args: argparse.Namespace, pool: AudioPool,
     """Start ``backend``'s processes, measure through gRPC (table, then capacity), then at
     the queue level; the processes stop whatever happens."""
     say(f"{backend}: starting the stack")
-    stack = Stack(backend, args, max_streams=max(1000, args.capacity_max * 2))
+    stack = make_stack(backend, args, max_streams=max(1000, args.capacity_max * 2))
     try:
         await asyncio.to_thread(stack.start)
         say(f"{backend}: serving on {stack.target}")

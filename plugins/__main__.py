@@ -1,14 +1,13 @@
 """``python -m plugins serve``: every configured plugin in one process, beside the server.
 
-Every flag also reads ``CALLSHIELD_PLUGINS_<FLAG>`` (secrets belong there, not on the
-command line, where ``ps`` shows them).
+Every flag also reads ``CALLSHIELD_PLUGINS_<FLAG>`` (:class:`server.config.EnvFlags`; secrets
+belong there, not on the command line, where ``ps`` shows them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from collections.abc import Sequence
 
@@ -22,16 +21,14 @@ from plugins.twilio import TwilioSettings
 from plugins.webhook import WebhookSender
 from server import logs
 from server import metrics as server_metrics
-
-
-def _env(name: str, default: str = "") -> str:
-    return os.environ.get(f"CALLSHIELD_PLUGINS_{name.upper()}", default)
+from server.config import PREFIX, EnvFlags
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m plugins")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the telephony plugins")
+    env = EnvFlags(s, prefix=f"{PREFIX}PLUGINS_")
     flags = {
         "audiosocket": "Asterisk AudioSocket TCP listen address, e.g. :9092",
         "twilio": "Twilio Media Streams WebSocket, e.g. :8080/twilio",
@@ -61,22 +58,18 @@ def parser() -> argparse.ArgumentParser:
     defaults = {"detector": "127.0.0.1:50051", "twilio_api_base": "https://api.twilio.com",
                 "log_level": "info"}
     for name, help_text in flags.items():
-        s.add_argument("--" + name.replace("_", "-"), default=_env(name, defaults.get(name, "")),
-                       help=help_text or None)
-    s.add_argument("--webhook", action="append",
-                   default=[u for u in _env("webhook").split(",") if u],
-                   help="alert webhook URL (repeatable)")
-    s.add_argument("--alert-threshold", type=float,
-                   default=float(_env("alert_threshold", "0") or 0))
-    s.add_argument("--twilio-trust-proxy", action="store_true",
-                   default=_env("twilio_trust_proxy").lower() in ("1", "true", "yes"),
-                   help="rebuild the signed URL from X-Forwarded-Host/-Proto (behind your "
-                   "own proxy only: clients can set them)")
-    s.add_argument("--reconnect-seconds", type=float,
-                   default=float(_env("reconnect_seconds", "30") or 30),
-                   help="a detector gone mid-call: reconnect within this long (the audio "
-                   "meanwhile is a reported gap), else end the call's fork")
-    s.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", "0") or 0))
+        env.add("--" + name.replace("_", "-"), default=defaults.get(name, ""),
+                help=help_text or None)
+    env.add("--webhook", action="append", default=[],
+            help="alert webhook URL (repeatable; the variable: comma-separated)")
+    env.add("--alert-threshold", type=float, default=0.0)
+    env.add("--twilio-trust-proxy", action="store_true", default=False,
+            help="rebuild the signed URL from X-Forwarded-Host/-Proto (behind your "
+            "own proxy only: clients can set them)")
+    env.add("--reconnect-seconds", type=float, default=30.0,
+            help="a detector gone mid-call: reconnect within this long (the audio "
+            "meanwhile is a reported gap), else end the call's fork")
+    env.add("--metrics-port", type=int, default=0)
     return p
 
 

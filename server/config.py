@@ -1,14 +1,86 @@
-"""Server configuration: every flag has a ``CALLSHIELD_*`` environment variable, so the same
-image runs from a shell, systemd or Kubernetes without a wrapper script."""
+"""Server configuration, and the one way every callshield program reads its flags from the
+environment (:class:`EnvFlags`), so the same image runs from a shell, systemd or Kubernetes
+without a wrapper script.
+
+One naming scheme: flag ``--some-flag`` of a program reads ``CALLSHIELD_<SCOPE>SOME_FLAG``, the
+scope being empty for the server (``CALLSHIELD_LISTEN``), ``WORKER_`` for the Redis worker
+(``CALLSHIELD_WORKER_DEVICE``) and ``PLUGINS_`` for the telephony plugins
+(``CALLSHIELD_PLUGINS_AMI_SECRET``); a flag on the command line wins. Scoped names let one
+environment file serve several programs on one host without a worker taking the server's
+``--device`` or ``--metrics-port``; the settings that must agree with the server's (Redis URL,
+model, batching, log level) fall back from the worker's name to the server's.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from server.verdicts import DEFAULT_RULE, RULES
+
+PREFIX = "CALLSHIELD_"
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass
+class EnvFlags:
+    """Adds flags to ``parser`` whose defaults come from the environment.
+
+    ``--some-flag`` reads ``{prefix}SOME_FLAG``, then (for a dest in ``shared``)
+    ``CALLSHIELD_SOME_FLAG``, then its old name in ``deprecated`` (dest -> variable), the first
+    one set and not empty; else the default given. Values are parsed by the flag's own ``type``
+    (argparse converts string defaults, so a bad value is a usage error naming the flag),
+    ``store_true`` flags take 1/true/yes/on, ``append`` flags a comma-separated list.
+    """
+
+    parser: argparse.ArgumentParser
+    prefix: str = PREFIX
+    shared: Collection[str] = ()
+    deprecated: Mapping[str, str] = field(default_factory=dict)
+    #: (old variable, its name now) for each deprecated alias that was read
+    deprecated_used: list[tuple[str, str]] = field(default_factory=list)
+
+    def variable(self, dest: str) -> str:
+        return f"{self.prefix}{dest.upper()}"
+
+    def names(self, dest: str) -> list[str]:
+        """The variables ``dest`` reads, first match wins (the deprecated name last)."""
+        names = [self.variable(dest)]
+        if dest in self.shared:
+            names.append(f"{PREFIX}{dest.upper()}")
+        if dest in self.deprecated:
+            names.append(self.deprecated[dest])
+        return names
+
+    def value(self, dest: str) -> str | None:
+        names = self.names(dest)
+        for name in names:
+            raw = os.environ.get(name, "")
+            if raw:
+                if name == self.deprecated.get(dest):
+                    self.deprecated_used.append((name, names[0]))
+                return raw
+        return None
+
+    def add(self, *flags: str, default: Any = None, help: str | None = None,
+            **kwargs: Any) -> argparse.Action:
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        raw = self.value(dest)
+        if raw is not None:
+            action = kwargs.get("action")
+            if action == "store_true":
+                default = raw.lower() in _TRUE
+            elif action == "append":
+                default = [item.strip() for item in raw.split(",") if item.strip()]
+            else:
+                default = raw
+        current = [n for n in self.names(dest) if n != self.deprecated.get(dest)]
+        note = "env " + ", then ".join(current)
+        return self.parser.add_argument(*flags, default=default, **kwargs,
+                                        help=f"{help} ({note})" if help else f"({note})")
 
 
 @dataclass(frozen=True)
@@ -61,74 +133,76 @@ class ServerConfig:
 DIARIZATION_CLI_DEFAULT = "auto"
 
 
-def _env(name: str, default: object) -> str:
-    return os.environ.get(f"CALLSHIELD_{name.upper()}", str(default))
-
-
-def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
-    """Flags override environment variables, which override the defaults."""
+def parser() -> argparse.ArgumentParser:
+    """``python -m server``'s flags, each with its ``CALLSHIELD_<FLAG>`` variable."""
     d = ServerConfig()
     p = argparse.ArgumentParser(
         prog="python -m server",
         description="callshield gRPC detection server (flags also read from CALLSHIELD_<FLAG>)",
     )
-    p.add_argument("--listen", default=_env("listen", d.listen), help="host:port")
-    p.add_argument("--model", default=_env("model", d.model), help="model name or path")
-    p.add_argument("--queue", choices=["inprocess", "redis"], default=_env("queue", d.queue))
-    p.add_argument("--redis-url", default=_env("redis_url", d.redis_url))
-    p.add_argument("--device", default=_env("device", d.device))
-    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", d.metrics_port)),
-                   help="Prometheus endpoint on 127.0.0.1:PORT")
-    p.add_argument("--metrics-listen", default=_env("metrics_listen", d.metrics_listen),
-                   help="Prometheus endpoint HOST:PORT (e.g. 0.0.0.0:9100 to expose it)")
-    p.add_argument("--auth-token", default=_env("auth_token", d.auth_token))
-    p.add_argument("--tls-cert", default=_env("tls_cert", d.tls_cert))
-    p.add_argument("--tls-key", default=_env("tls_key", d.tls_key))
-    p.add_argument("--max-streams", type=int, default=int(_env("max_streams", d.max_streams)))
-    p.add_argument("--max-streams-per-peer", type=int,
-                   default=int(_env("max_streams_per_peer", d.max_streams_per_peer)),
-                   help="slots one client address may hold (0: half of --max-streams)")
-    p.add_argument("--config-timeout-seconds", type=float,
-                   default=float(_env("config_timeout_seconds", d.config_timeout_seconds)),
-                   help="close a stream whose StreamConfig has not come by then")
-    p.add_argument("--idle-timeout-seconds", type=float,
-                   default=float(_env("idle_timeout_seconds", d.idle_timeout_seconds)),
-                   help="close a stream whose client sent nothing for this long")
-    p.add_argument("--max-queue-depth", type=int,
-                   default=int(_env("max_queue_depth", d.max_queue_depth)))
-    p.add_argument("--max-batch", type=int, default=int(_env("max_batch", d.max_batch)))
-    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", d.max_wait_ms)))
-    p.add_argument("--max-inflight-per-stream", type=int,
-                   default=int(_env("max_inflight_per_stream", d.max_inflight_per_stream)))
-    p.add_argument("--grace-seconds", type=float,
-                   default=float(_env("grace_seconds", d.grace_seconds)))
-    p.add_argument("--max-detect-seconds", type=float,
-                   default=float(_env("max_detect_seconds", d.max_detect_seconds)),
-                   help="longest recording Detect accepts (longer: use StreamDetect)")
-    p.add_argument("--log-level", default=_env("log_level", d.log_level))
-    p.add_argument("--log-call-ids", choices=["plain", "hash"],
-                   default=_env("log_call_ids", d.log_call_ids),
-                   help="call ids in logs: plain (safe characters, at most 64) or hash "
-                        "(HMAC; use it when clients may send phone numbers as call ids)")
-    p.add_argument("--log-hash-key", default=_env("log_hash_key", d.log_hash_key),
-                   help="key of the call id hash (default: random per process); prefer "
-                        "the environment variable, which ps does not show")
-    p.add_argument("--diarization", choices=["off", "on", "auto"],
-                   default=_env("diarization", DIARIZATION_CLI_DEFAULT),
-                   help="diarize MIXED streams (auto: when the checkpoint exists)")
-    p.add_argument("--diarization-segmentation", metavar="CKPT",
-                   default=_env("diarization_segmentation", d.diarization_segmentation),
-                   help="segmentation checkpoint (default: diarization/checkpoints)")
-    p.add_argument("--diarization-pipeline", metavar="DIR",
-                   default=_env("diarization_pipeline", d.diarization_pipeline),
-                   help="local official pyannote pipeline for Detect (loaded offline)")
-    p.add_argument("--verdict-rule", choices=sorted(RULES),
-                   default=_env("verdict_rule", d.verdict_rule),
-                   help="per-speaker alert rule: evidence (CUSUM over calibrated log-odds, "
-                        "default) or ema (the earlier moving average)")
-    p.add_argument("--diarization-step", type=float,
-                   default=float(_env("diarization_step", d.diarization_step)),
-                   help="seconds between streaming diarization steps (0.25 to 1)")
+    env = EnvFlags(p)
+    env.add("--listen", default=d.listen, help="host:port")
+    env.add("--model", default=d.model, help="model name or path")
+    env.add("--queue", choices=["inprocess", "redis"], default=d.queue)
+    env.add("--redis-url", default=d.redis_url)
+    env.add("--device", default=d.device)
+    env.add("--metrics-port", type=int, default=d.metrics_port,
+            help="Prometheus endpoint on 127.0.0.1:PORT")
+    env.add("--metrics-listen", default=d.metrics_listen,
+            help="Prometheus endpoint HOST:PORT (e.g. 0.0.0.0:9100 to expose it)")
+    env.add("--auth-token", default=d.auth_token)
+    env.add("--tls-cert", default=d.tls_cert)
+    env.add("--tls-key", default=d.tls_key)
+    env.add("--max-streams", type=int, default=d.max_streams)
+    env.add("--max-streams-per-peer", type=int,
+            default=d.max_streams_per_peer,
+            help="slots one client address may hold (0: half of --max-streams)")
+    env.add("--config-timeout-seconds", type=float,
+            default=d.config_timeout_seconds,
+            help="close a stream whose StreamConfig has not come by then")
+    env.add("--idle-timeout-seconds", type=float,
+            default=d.idle_timeout_seconds,
+            help="close a stream whose client sent nothing for this long")
+    env.add("--max-queue-depth", type=int,
+            default=d.max_queue_depth)
+    env.add("--max-batch", type=int, default=d.max_batch)
+    env.add("--max-wait-ms", type=float, default=d.max_wait_ms)
+    env.add("--max-inflight-per-stream", type=int,
+            default=d.max_inflight_per_stream)
+    env.add("--grace-seconds", type=float,
+            default=d.grace_seconds)
+    env.add("--max-detect-seconds", type=float,
+            default=d.max_detect_seconds,
+            help="longest recording Detect accepts (longer: use StreamDetect)")
+    env.add("--log-level", default=d.log_level)
+    env.add("--log-call-ids", choices=["plain", "hash"],
+            default=d.log_call_ids,
+            help="call ids in logs: plain (safe characters, at most 64) or hash "
+                 "(HMAC; use it when clients may send phone numbers as call ids)")
+    env.add("--log-hash-key", default=d.log_hash_key,
+            help="key of the call id hash (default: random per process); prefer "
+                 "the environment variable, which ps does not show")
+    env.add("--diarization", choices=["off", "on", "auto"],
+            default=DIARIZATION_CLI_DEFAULT,
+            help="diarize MIXED streams (auto: when the checkpoint exists)")
+    env.add("--diarization-segmentation", metavar="CKPT",
+            default=d.diarization_segmentation,
+            help="segmentation checkpoint (default: diarization/checkpoints)")
+    env.add("--diarization-pipeline", metavar="DIR",
+            default=d.diarization_pipeline,
+            help="local official pyannote pipeline for Detect (loaded offline)")
+    env.add("--verdict-rule", choices=sorted(RULES), default=d.verdict_rule,
+            help="per-speaker alert rule: evidence (CUSUM over calibrated log-odds, "
+                 "default) or ema (the earlier moving average)")
+    env.add("--diarization-step", type=float,
+            default=d.diarization_step,
+            help="seconds between streaming diarization steps (0.25 to 1)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Flags override environment variables, which override the defaults."""
+    p = parser()
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")

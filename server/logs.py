@@ -57,6 +57,15 @@ class CallIdLogging:
         return cls(mode, key.encode()) if key else cls(mode)
 
 
+def safe_url(url: str) -> str:
+    """A URL without its credentials (``redis://:secret@host`` becomes ``redis://***@host``):
+    connection URLs are logged at start-up, and their passwords must not be."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
 def configure(level: str = "info") -> None:
     structlog.configure(
         processors=[

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from server.devstack import ROOT, SHARED
+
+REPO = ROOT
+
 CORPUS = SHARED / "corpus"
 CALLS = SHARED / "calls"
 REFERENCE = SHARED / "reference"

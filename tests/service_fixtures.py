@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector, load_detector
-from server.app import SERVICE_NAME, RunningServer, start_server
-from server.config import DIARIZATION_CLI_DEFAULT, ServerConfig
-from server.queue.base import InferenceQueue
+from server.app import SERVICE_NAME, RunningServer
+from server.config import DIARIZATION_CLI_DEFAULT
+from server.devstack import SHARED
+from server.devstack import noise_pcm as noise_pcm
+from server.devstack import serving as serving
 from tests.conftest import RedisBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-SHARED_CALLS = ROOT.parent / "shared" / "calls"
+SHARED_CALLS = SHARED / "calls"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -38,20 +38,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 @pytest.fixture(scope="session")
 def detector() -> Detector:
     return load_detector("default")
-
-
-@asynccontextmanager
-async def serving(
-    detector: Detector, inference_queue: InferenceQueue | None = None, **overrides: Any
-) -> AsyncIterator[RunningServer]:
-    """A server on a free port (``overrides``: ServerConfig fields; ``inference_queue``
-    replaces the configured backend); stopped, with open streams cancelled at once, on exit."""
-    config = replace(ServerConfig(listen="127.0.0.1:0"), **overrides)
-    running = await start_server(config, detector=detector, queue=inference_queue)
-    try:
-        yield running
-    finally:
-        await running.stop(0)
 
 
 @pytest.fixture
@@ -141,13 +127,6 @@ async def refuses_new_calls(channel: grpc.aio.Channel, metadata: Any = ()) -> bo
     except grpc.aio.AioRpcError as exc:
         return exc.code() == grpc.StatusCode.UNAVAILABLE
     return False
-
-
-def noise_pcm(seconds: float, rate: int = 8000, channels: int = 1, seed: int = 0) -> np.ndarray:
-    """int16 ``(frames, channels)`` noise at about -20 dBFS: loud enough to count as speech."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(0, 0.1, (int(seconds * rate), channels))
-    return np.clip(x * 32768, -32768, 32767).astype(np.int16)
 
 
 def linear16_chunks(pcm: np.ndarray, rate: int = 8000, seconds: float = 0.1) -> list[bytes]:

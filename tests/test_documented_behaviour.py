@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from bench.plugin_peers import FakeHttp
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
@@ -18,7 +19,6 @@ from plugins.asterisk import AmiTarget
 from plugins.webhook import WebhookSender
 from server.queue.base import QueueUnavailable, WindowJob, WindowScore
 from server.queue.inprocess import InProcessQueue
-from tests.plugin_peers import FakeHttp
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
     EXAMPLES,

@@ -13,11 +13,7 @@ import uuid
 import pytest
 from structlog.testing import capture_logs
 
-from plugins.asterisk import mapping_variable
-from plugins.webhook import verify
-from server.app import RunningServer
-from tests.paths import require
-from tests.plugin_peers import (
+from bench.plugin_peers import (
     AUDIOHOOK_KEY,
     TWILIO_TOKEN,
     WEBHOOK_SECRET,
@@ -34,6 +30,10 @@ from tests.plugin_peers import (
     twilio_call,
     ws_url,
 )
+from plugins.asterisk import mapping_variable
+from plugins.webhook import verify
+from server.app import RunningServer
+from tests.paths import require
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import SHARED_CALLS
 

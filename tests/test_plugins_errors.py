@@ -15,12 +15,7 @@ import pytest
 import websockets
 from structlog.testing import capture_logs
 
-from plugins.app import RunningPlugins
-from plugins.core import SpoofAlert
-from plugins.webhook import WebhookSender, verify
-from server.app import RunningServer
-from tests.conftest import free_port
-from tests.plugin_peers import (
+from bench.plugin_peers import (
     AUDIOHOOK_KEY,
     TWILIO_TOKEN,
     AudioHookClient,
@@ -34,6 +29,11 @@ from tests.plugin_peers import (
     twilio_messages,
     ws_url,
 )
+from plugins.app import RunningPlugins
+from plugins.core import SpoofAlert
+from plugins.webhook import WebhookSender, verify
+from server.app import RunningServer
+from tests.conftest import free_port
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import noise_pcm, serving, wait_until
 

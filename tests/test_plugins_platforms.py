@@ -30,18 +30,18 @@ import websockets
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
+from bench.plugin_peers import (
+    FRAME,
+    AudioHookClient,
+    FakeHttp,
+    twilio_messages,
+)
 from models.data.augment import mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.core import DetectorLink
 from plugins.twilio import TwilioSettings
 from plugins.webhook import WebhookSender
 from server.app import RunningServer
-from tests.plugin_peers import (
-    FRAME,
-    AudioHookClient,
-    FakeHttp,
-    twilio_messages,
-)
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import noise_pcm, wait_until
 

@@ -21,13 +21,13 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
+from bench.plugin_peers import FakeHttp, as_frame
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.audiosocket import IDLE_SECONDS
 from plugins.core import FINISH_SECONDS, RECONNECT_SECONDS, STALL_SECONDS, DetectorLink
 from plugins.webhook import WebhookSender
 from tests.conftest import free_port
-from tests.plugin_peers import FakeHttp, as_frame
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import noise_pcm, serving
 

@@ -16,9 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from models.inference import Detector, load_detector
-from server.batching import score_jobs
 from server.queue.base import QueueUnavailable, WindowJob, WindowScore
-from server.queue.redis_queue import GROUP, RedisQueue
+from server.queue.batching import score_jobs
+from server.queue.redis_protocol import GROUP
+from server.queue.redis_queue import RedisQueue
 from tests.conftest import free_port, start_redis, start_worker, stop_process, wait_ready
 from tests.service_fixtures import wait_until
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import urllib.request
 
 import grpc
@@ -20,6 +19,7 @@ from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
 from server.app import RunningServer
+from server.devstack import free_port
 from server.logs import MAX_LOGGED_CALL_ID, CallIdLogging
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
@@ -164,12 +164,6 @@ async def test_graceful_stop_drains_open_streams(detector: Detector) -> None:
         assert responses[-1].summary.windows_scored == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
@@ -188,7 +182,7 @@ async def test_metrics_endpoint(stub: pb_grpc.DetectionServiceStub) -> None:
     assert after["callshield_window_latency_seconds_count"] == (
         before["callshield_window_latency_seconds_count"] + 2)
     assert after["callshield_batch_size_count"] > before["callshield_batch_size_count"]
-    httpd = metrics.serve(_free_port(), "127.0.0.1")
+    httpd = metrics.serve(free_port(), "127.0.0.1")
     try:
         url = f"http://127.0.0.1:{httpd.server_port}/metrics"
         text = await asyncio.to_thread(_get, url)

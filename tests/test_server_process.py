@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server.config import parse_args
+from server.devstack import free_port
 from server.queue.base import WindowJob, WindowScore
 from server.queue.inprocess import InProcessQueue
 from server.session import Session
@@ -79,12 +79,6 @@ async def test_fast_client_is_slowed_not_dropped(detector: Detector) -> None:
     assert responses[-1].summary.windows_scored == 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -99,7 +93,7 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
     if not any((Path(p) / "openssl").exists() for p in os.environ["PATH"].split(os.pathsep)):
         missing("openssl is not installed")
     cert, key = _self_signed(tmp_path)
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "PYANNOTE_METRICS_ENABLED": "false", "CALLSHIELD_LISTEN": f"127.0.0.1:{port}",
         "CALLSHIELD_AUTH_TOKEN": "t0k", "CALLSHIELD_TLS_CERT": str(cert),
@@ -159,7 +153,7 @@ async def test_sigterm_drain_ends_every_stream_with_its_summary() -> None:
     the grace gets its summary and OK; the one that never half-closes is ended by the server
     when the grace is over: its last window, its summary, then UNAVAILABLE. Then the process
     exits 0."""
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "PYANNOTE_METRICS_ENABLED": "false", "CALLSHIELD_LISTEN": f"127.0.0.1:{port}",
         "CALLSHIELD_GRACE_SECONDS": "15", "CALLSHIELD_DIARIZATION": "off",

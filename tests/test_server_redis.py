@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
-from server.queue.redis_queue import GROUP
+from server.queue.redis_protocol import GROUP
 from tests.conftest import (
     RedisBackend,
     free_port,

@@ -16,8 +16,8 @@ import time
 
 from models.inference import Detector
 from server import metrics
-from server.batching import score_jobs
 from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, WindowScore
+from server.queue.batching import score_jobs
 
 _Item = tuple[WindowJob, asyncio.Future[WindowScore], asyncio.AbstractEventLoop]
 

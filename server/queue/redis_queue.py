@@ -6,22 +6,8 @@ workers only pay off when they batch windows from many calls in one forward. A s
 with a consumer group gives both: ``XREADGROUP COUNT n BLOCK ms`` is a dynamic batcher, and the
 pending-entries list (``XAUTOCLAIM``) gives at-least-once delivery when a worker dies.
 
-Wire layout (all keys under ``callshield:``, see :class:`RedisKeys`)::
-
-    jobs:{model}          stream, one entry per window (MAXLEN ~ trimmed); consumer group
-                          ``workers``; fields: token, job, stream, reply, t, deadline, audio
-                          (the payload key), fmt, n
-    audio:{token}         the window's samples, SET with EX: an abandoned payload expires
-                          by itself, whatever happens to its job
-    results:{server_id}   stream the owning server XREADs; fields: token, job, score, p,
-                          model, batch, worker (or error)
-    workers:{model}       set of worker ids; ``worker:{model}:{id}`` is each one's heartbeat,
-                          a key with a TTL
-
-Audio travels as float32 by default: bit-exact with in-process scoring, 128 KB for a 4 s window
-at 8 kHz, which loopback or a LAN moves in well under a millisecond. ``audio_format="i16"``
-halves that for thin links, at the cost of a quantisation noise at -96 dBFS (below telephone
-codecs' own, but it moves raw scores by ~1e-4).
+The wire format (keys, fields, audio encodings) is :mod:`server.queue.redis_protocol`'s alone:
+this module and the worker (:mod:`server.queue.worker`) only build and read its messages.
 """
 
 from __future__ import annotations
@@ -31,94 +17,35 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 
-import numpy as np
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.logs import safe_url
 from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, WindowScore
+from server.queue.redis_protocol import (
+    AUDIO_FORMATS,
+    GROUP,
+    ErrorMessage,
+    Fields,
+    JobMessage,
+    MalformedMessage,
+    RedisKeys,
+    as_text,
+    encode_audio,
+    ensure_group,
+    result_from_fields,
+)
 
 log = structlog.get_logger("callshield.queue.redis")
-
-AUDIO_FORMATS = ("f32", "i16")
-GROUP = "workers"
 
 
 class JobFailed(QueueUnavailable):
     """A worker gave up on a window (bad payload, expired audio, too many retries)."""
-
-
-@dataclass(frozen=True)
-class RedisKeys:
-    """Every key name in one place, so that servers and workers cannot disagree."""
-
-    model: str
-    prefix: str = "callshield"
-
-    @property
-    def jobs(self) -> str:
-        return f"{self.prefix}:jobs:{self.model}"
-
-    @property
-    def workers(self) -> str:
-        return f"{self.prefix}:workers:{self.model}"
-
-    def heartbeat(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{self.model}:{worker_id}"
-
-    def audio(self, token: str) -> str:
-        return f"{self.prefix}:audio:{token}"
-
-    def results(self, server_id: str) -> str:
-        return f"{self.prefix}:results:{server_id}"
-
-
-def encode_audio(audio: np.ndarray, fmt: str) -> bytes:
-    if fmt == "f32":
-        return np.ascontiguousarray(audio, dtype="<f4").tobytes()
-    if fmt == "i16":
-        scaled = np.clip(np.round(np.asarray(audio, np.float64) * 32768.0), -32768, 32767)
-        return scaled.astype("<i2").tobytes()
-    raise ValueError(f"unknown audio format {fmt!r} (one of {AUDIO_FORMATS})")
-
-
-def decode_audio(data: bytes, fmt: str, samples: int) -> np.ndarray:
-    """Samples as float32; raises ValueError when the payload does not match its header."""
-    if fmt == "f32":
-        audio = np.frombuffer(data, dtype="<f4").astype(np.float32)
-    elif fmt == "i16":
-        audio = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    else:
-        raise ValueError(f"unknown audio format {fmt!r}")
-    if audio.shape[0] != samples:
-        raise ValueError(f"payload has {audio.shape[0]} samples, header says {samples}")
-    return audio
-
-
-async def ensure_group(client: aioredis.Redis, jobs_key: str) -> bool:
-    """``XGROUP CREATE jobs workers 0 MKSTREAM`` unless the group exists; True when it was
-    created. Servers and workers both call it: after a Redis restart without persistence the
-    stream and group are gone, and a server's ``XADD`` alone would recreate the stream without
-    the group, which workers cannot read (``NOGROUP``). From id 0, so that windows added before
-    the group existed are still delivered."""
-    try:
-        await client.xgroup_create(jobs_key, GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
-            return False
-        raise
-    return True
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisQueue(InferenceQueue):
@@ -180,7 +107,7 @@ class RedisQueue(InferenceQueue):
         try:
             await self._redis.ping()
         except RedisError as exc:
-            log.warning("redis_unreachable", url=_safe_url(self.url), error=str(exc))
+            log.warning("redis_unreachable", url=safe_url(self.url), error=str(exc))
         log.info("redis_queue_started", server_id=self.server_id, jobs=self.keys.jobs,
                  results=self.results_key)
 
@@ -215,17 +142,17 @@ class RedisQueue(InferenceQueue):
         token = uuid.uuid4().hex
         audio_key = self.keys.audio(token)
         now = time.time()
-        fields: dict[str, str | int | float] = {
-            "token": token, "job": job.job_id, "stream": job.stream_id,
-            "reply": self.results_key, "t": now, "deadline": now + self.job_timeout,
-            "audio": audio_key, "fmt": self.audio_format, "n": int(job.audio.shape[0]),
-        }
+        message = JobMessage(
+            token=token, job_id=job.job_id, stream_id=job.stream_id, reply=self.results_key,
+            enqueued_at=now, deadline=now + self.job_timeout, audio_key=audio_key,
+            audio_format=self.audio_format, samples=int(job.audio.shape[0]))
         future: asyncio.Future[WindowScore] = asyncio.get_running_loop().create_future()
         self._pending[token] = (future, job.job_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(audio_key, encode_audio(job.audio, self.audio_format), ex=self.audio_ttl)
-                pipe.xadd(self.keys.jobs, fields, maxlen=self.jobs_maxlen, approximate=True)
+                pipe.xadd(self.keys.jobs, message.to_fields(), maxlen=self.jobs_maxlen,
+                          approximate=True)
                 await pipe.execute()
             return await asyncio.wait_for(future, self.job_timeout)
         except RedisError as exc:
@@ -247,7 +174,7 @@ class RedisQueue(InferenceQueue):
         members = await self._redis.smembers(self.keys.workers)
         if not members:
             return 0
-        return int(await self._redis.exists(*(self.keys.heartbeat(_text(m)) for m in members)))
+        return int(await self._redis.exists(*(self.keys.heartbeat(as_text(m)) for m in members)))
 
     async def healthy(self) -> bool:
         """Windows can be scored: Redis answers, the job stream has its consumer group (it is
@@ -295,32 +222,28 @@ class RedisQueue(InferenceQueue):
                     last_id = entry_id
                     self._resolve(fields)
 
-    def _resolve(self, fields: dict[bytes, bytes]) -> None:
-        token = _text(fields.get(b"token"))
-        pending = self._pending.get(token)
+    def _resolve(self, fields: Fields) -> None:
+        try:
+            message = result_from_fields(fields)
+        except MalformedMessage as exc:  # its window times out; the reader must go on
+            log.error("malformed_result", error=str(exc))
+            return
+        pending = self._pending.get(message.token)
         if pending is None:  # a duplicate after a reclaim, or a window that timed out
             return
         future, job_id = pending
         if future.done():
             return
-        error = fields.get(b"error")
-        if error is not None:
-            future.set_exception(JobFailed(f"window {job_id}: {_text(error)}"))
+        if isinstance(message, ErrorMessage):
+            future.set_exception(JobFailed(f"window {job_id}: {message.error}"))
             return
-        self.batch_sizes[int(fields.get(b"batch", b"1"))] += 1
+        self.batch_sizes[message.batch] += 1
         future.set_result(WindowScore(
-            job_id=job_id, score=float(fields[b"score"]),
-            spoof_probability=float(fields[b"p"]), model=_text(fields.get(b"model"))))
+            job_id=job_id, score=message.score,
+            spoof_probability=message.spoof_probability, model=message.model))
 
     def _fail_all(self, exc: QueueUnavailable) -> None:
         for future, _job_id in list(self._pending.values()):
             if not future.done():
                 future.set_exception(exc)
 
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -2,7 +2,9 @@
 and local stand-ins for the platforms' own back ends (AMI, Twilio REST, ARI, webhooks).
 
 The peers pace audio like the platforms do: one 20 ms frame every 20 ms, on an absolute
-schedule (no drift), over real sockets.
+schedule (no drift), over real sockets. They live beside the benches rather than in
+``tests/`` because both drive them (``tests/test_plugins_*.py``, ``bench/plugins.py``), and a
+bench must not import the tests.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from plugins.asterisk import AmiTarget
 from plugins.core import DetectorLink
 from plugins.twilio import TwilioSettings, signature
 from plugins.webhook import WebhookSender
-from tests.service_fixtures import SHARED_CALLS
+from server.devstack import SHARED
 
+SHARED_CALLS = SHARED / "calls"
 RATE = 8000
 FRAME = 160  # samples in 20 ms at 8 kHz
 SPOOF_B_TURNS = ((12.3, 15.1), (27.6, 33.0))  # call_dev_03: party B (spoof, T01) speaks here
