@@ -30,7 +30,7 @@ import websockets
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
-from models.data.augment import mulaw_encode
+from models.data.audio import mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.core import DetectorLink
 from plugins.twilio import TwilioSettings

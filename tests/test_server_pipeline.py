@@ -11,7 +11,7 @@ import soundfile
 import soxr
 
 from callshield.v1 import detection_pb2 as pb
-from models.data.augment import alaw_encode, mulaw_encode
+from models.data.audio import alaw_encode, mulaw_encode
 from server.aggregation import CallAggregator
 from server.audio import (
     MAX_CHUNK_BYTES,
