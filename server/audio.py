@@ -16,6 +16,7 @@ import numpy as np
 
 from callshield.v1 import detection_pb2 as pb
 from models.data.audio import SAMPLE_BYTES, StreamResampler, pcm_decode
+from server.errors import DecodeCancelled, InvalidAudio
 
 MAX_CHUNK_BYTES = 64 * 1024
 MIN_RATE, MAX_RATE = 8000, 48000
@@ -24,10 +25,6 @@ ENCODINGS = {
     pb.AUDIO_ENCODING_MULAW: ("MULAW", SAMPLE_BYTES["MULAW"]),
     pb.AUDIO_ENCODING_ALAW: ("ALAW", SAMPLE_BYTES["ALAW"]),
 }
-
-
-class InvalidAudio(ValueError):
-    """The client sent something the API does not accept (maps to INVALID_ARGUMENT)."""
 
 
 def check_format(encoding: int, sample_rate: int, channels: int) -> None:
@@ -97,10 +94,6 @@ class StreamDecoder:
     @property
     def seconds_in(self) -> float:
         return self.frames_in / self.sample_rate
-
-
-class DecodeCancelled(Exception):
-    """The caller gave up (client cancelled, deadline passed) while a recording was decoded."""
 
 
 # libsndfile's frame count when the header does not say (a FLAC written to a pipe has 0
