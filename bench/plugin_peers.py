@@ -24,7 +24,7 @@ import soundfile
 import websockets
 from aiohttp import web
 
-from models.data.augment import mulaw_encode
+from models.data.audio import mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.asterisk import AmiTarget
 from plugins.core import DetectorLink

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 import torch
 
 from diarization.paths import PLDA_DIR, SEGMENTATION_CHECKPOINT
+from models.data.audio import resample
 
 MODEL_RATE = 16000
 # threshold chosen on ../shared/calls (0.3: 35 %, 0.45: 14.4 %, 0.55 and 0.65: 13.9 % DER at
@@ -94,8 +94,7 @@ def diarize(pipeline: Any, audio: np.ndarray, sample_rate: int) -> list[tuple[fl
     in order of first speech, as the streaming diarizer names them."""
     from diarization.stream import speaker_label
 
-    wave = audio if sample_rate == MODEL_RATE else soxr.resample(audio, sample_rate, MODEL_RATE)
-    waveform = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None]
+    waveform = torch.from_numpy(resample(audio, sample_rate, MODEL_RATE))[None]
     output = pipeline({"waveform": waveform, "sample_rate": MODEL_RATE})
     annotation = getattr(output, "speaker_diarization", output)  # 4.x wraps it
     names: dict[str, str] = {}

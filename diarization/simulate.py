@@ -27,7 +27,8 @@ import structlog
 
 from diarization.corpus import Utterance, load_voices
 from models.data.audio import load_audio
-from models.data.augment import AugmentConfig, TelephoneAugment, add_noise
+from models.data.augment import AugmentConfig, TelephoneAugment
+from models.data.augment.channel import add_noise
 
 SAMPLE_RATE = 8000
 SUBSETS = {"train": "train", "development": "dev"}  # pyannote subset -> corpus split

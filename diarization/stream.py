@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soxr
 import structlog
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from diarization.embedding import ResemblyzerEmbedding
 from diarization.paths import SEGMENTATION_CHECKPOINT
+from models.data.audio import StreamResampler
 
 MODEL_RATE = 16000  # segmentation and embedding models
 log = structlog.get_logger("callshield.diarization.stream")
@@ -122,8 +122,7 @@ class StreamingDiarizer:
 
     def __post_init__(self) -> None:
         c = self.config
-        self._resampler = (soxr.ResampleStream(self.sample_rate, MODEL_RATE, 1, dtype="float32")
-                           if self.sample_rate != MODEL_RATE else None)
+        self._resampler = StreamResampler(self.sample_rate, MODEL_RATE)
         self._buffer = np.zeros(int(c.buffer_seconds * MODEL_RATE), np.float32)
         self._step = int(round(c.step_seconds * MODEL_RATE))
         self._pending16 = np.zeros(0, np.float32)  # 16 kHz audio not yet in the buffer
@@ -146,7 +145,7 @@ class StreamingDiarizer:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         self._pending_in = np.concatenate([self._pending_in, audio])
         self._received_in += audio.shape[0]
-        up = self._resampler.resample_chunk(audio) if self._resampler else audio
+        up = self._resampler.push(audio[:, None])[0]
         self._pending16 = np.concatenate([self._pending16, up])
         out = []
         while self._pending16.shape[0] >= self._step:

@@ -1,8 +1,10 @@
 """Decoding stream audio into per-speaker float waveforms at the model's sample rate.
 
 Telephony sends G.711 or 16-bit PCM at 8 kHz, web clients 16 or 48 kHz; the model wants one
-rate, so every chunk is decoded and resampled here as it arrives. Resampling is streaming
-(soxr keeps its filter state between chunks), so chunk boundaries leave no clicks.
+rate, so every chunk is decoded and resampled here as it arrives. The codecs and the
+streaming resampler are the project's one audio module (``models.data.audio``); this module
+holds what belongs to the API: the protobuf encodings, size and duration limits, and the
+errors a client is told.
 """
 
 from __future__ import annotations
@@ -11,22 +13,18 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import soxr
 
 from callshield.v1 import detection_pb2 as pb
-from models.data.augment import alaw_decode, mulaw_decode
+from models.data.audio import SAMPLE_BYTES, StreamResampler, pcm_decode
+from server.errors import DecodeCancelled, InvalidAudio
 
 MAX_CHUNK_BYTES = 64 * 1024
 MIN_RATE, MAX_RATE = 8000, 48000
 ENCODINGS = {
-    pb.AUDIO_ENCODING_LINEAR16: ("LINEAR16", 2),
-    pb.AUDIO_ENCODING_MULAW: ("MULAW", 1),
-    pb.AUDIO_ENCODING_ALAW: ("ALAW", 1),
+    pb.AUDIO_ENCODING_LINEAR16: ("LINEAR16", SAMPLE_BYTES["LINEAR16"]),
+    pb.AUDIO_ENCODING_MULAW: ("MULAW", SAMPLE_BYTES["MULAW"]),
+    pb.AUDIO_ENCODING_ALAW: ("ALAW", SAMPLE_BYTES["ALAW"]),
 }
-
-
-class InvalidAudio(ValueError):
-    """The client sent something the API does not accept (maps to INVALID_ARGUMENT)."""
 
 
 def check_format(encoding: int, sample_rate: int, channels: int) -> None:
@@ -44,22 +42,22 @@ def check_format(encoding: int, sample_rate: int, channels: int) -> None:
         raise InvalidAudio(f"channels must be 1 or 2, got {channels}")
 
 
-def pcm_from_bytes(data: bytes, encoding: int, channels: int) -> np.ndarray:
-    """Encoded bytes -> float32 samples in [-1, 1], shape ``(frames, channels)``."""
+def frame_bytes(data: bytes, encoding: int, channels: int) -> int:
+    """Bytes per frame of ``encoding``; refuses ``data`` that does not hold whole frames."""
     name, width = ENCODINGS[encoding]
-    frame_bytes = width * channels
-    if len(data) % frame_bytes:
+    size = width * channels
+    if len(data) % size:
         raise InvalidAudio(
             f"{len(data)} bytes is not a whole number of {name} frames "
-            f"({frame_bytes} bytes each for {channels} channel(s))"
+            f"({size} bytes each for {channels} channel(s))"
         )
-    if encoding == pb.AUDIO_ENCODING_LINEAR16:
-        pcm = np.frombuffer(data, dtype="<i2")
-    elif encoding == pb.AUDIO_ENCODING_MULAW:
-        pcm = mulaw_decode(data)
-    else:
-        pcm = alaw_decode(data)
-    return (pcm.astype(np.float32) / 32768.0).reshape(-1, channels)
+    return size
+
+
+def pcm_from_bytes(data: bytes, encoding: int, channels: int) -> np.ndarray:
+    """Encoded bytes -> float32 samples in [-1, 1], shape ``(frames, channels)``."""
+    frame_bytes(data, encoding, channels)
+    return pcm_decode(data, ENCODINGS[encoding][0]).reshape(-1, channels)
 
 
 class StreamDecoder:
@@ -73,12 +71,8 @@ class StreamDecoder:
     ) -> None:
         check_format(encoding, sample_rate, channels)
         self.encoding, self.channels, self.split = encoding, channels, split
-        self.outputs = channels if split else 1
-        self._resamplers = [
-            soxr.ResampleStream(sample_rate, target_rate, 1, dtype="float32", quality="HQ")
-            if sample_rate != target_rate else None
-            for _ in range(self.outputs)
-        ]
+        self._resampler = StreamResampler(sample_rate, target_rate, channels, split)
+        self.outputs = self._resampler.outputs
         self.frames_in = 0
         self.sample_rate = sample_rate
 
@@ -91,12 +85,7 @@ class StreamDecoder:
             )
         pcm = pcm_from_bytes(data, self.encoding, self.channels)
         self.frames_in += pcm.shape[0]
-        mono = pcm if self.split else pcm.mean(axis=1, keepdims=True)
-        out = []
-        for ch, resampler in enumerate(self._resamplers):
-            x = np.ascontiguousarray(mono[:, ch])
-            out.append(x if resampler is None else resampler.resample_chunk(x, last=last))
-        return out
+        return self._resampler.push(pcm, last)
 
     def flush(self) -> list[np.ndarray]:
         """The resamplers' tail, at the end of the stream."""
@@ -105,10 +94,6 @@ class StreamDecoder:
     @property
     def seconds_in(self) -> float:
         return self.frames_in / self.sample_rate
-
-
-class DecodeCancelled(Exception):
-    """The caller gave up (client cancelled, deadline passed) while a recording was decoded."""
 
 
 # libsndfile's frame count when the header does not say (a FLAC written to a pipe has 0
@@ -176,30 +161,22 @@ def container_info(data: bytes) -> ContainerInfo:
 
 
 class BlockResampler:
-    """Float blocks ``(frames, channels)`` at one rate -> one waveform per output channel at
-    another, downmixed unless ``split``. Streaming (soxr keeps its state between blocks), so a
-    whole recording is never held at its source rate: memory is what the model will score."""
+    """Float blocks ``(frames, channels)`` at one rate -> float32 ``(frames, outputs)`` at
+    another, downmixed unless ``split``. Streaming, so a whole recording is never held at its
+    source rate: memory is what the model will score."""
 
     def __init__(self, rate_in: int, rate_out: int, channels: int, split: bool) -> None:
-        self.split = split
-        outputs = channels if split else 1
-        self._resamplers = [
-            soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32", quality="HQ")
-            if rate_in != rate_out else None
-            for _ in range(outputs)
-        ]
-        self._parts: list[list[np.ndarray]] = [[] for _ in range(outputs)]
+        self._resampler = StreamResampler(rate_in, rate_out, channels, split)
+        self._parts: list[list[np.ndarray]] = [[] for _ in range(self._resampler.outputs)]
 
-    def push(self, block: np.ndarray, last: bool = False) -> None:
-        mono = block if self.split else block.mean(axis=1, keepdims=True, dtype=np.float32)
-        for ch, resampler in enumerate(self._resamplers):
-            x = np.ascontiguousarray(mono[:, ch], dtype=np.float32)
-            self._parts[ch].append(x if resampler is None else resampler.resample_chunk(x, last))
+    def push(self, block: np.ndarray) -> None:
+        for part, out in zip(self._parts, self._resampler.push(block), strict=True):
+            part.append(out)
 
     def result(self) -> np.ndarray:
         """Everything pushed, flushed: float32 ``(frames, outputs)``."""
-        self.push(np.zeros((0, 1 if not self.split else len(self._resamplers)), np.float32),
-                  last=True)
+        for part, out in zip(self._parts, self._resampler.flush(), strict=True):
+            part.append(out)
         return np.stack([np.concatenate(part) for part in self._parts], axis=1)
 
 
@@ -250,16 +227,10 @@ def decode_raw(
     """Raw encoded samples (a Detect with a config) -> like :func:`decode_container`; the
     duration is known from the byte count, so an over-long payload is refused before any
     decoding."""
-    name, width = ENCODINGS[encoding]
-    frame_bytes = width * channels
-    if len(data) % frame_bytes:
-        raise InvalidAudio(
-            f"{len(data)} bytes is not a whole number of {name} frames "
-            f"({frame_bytes} bytes each for {channels} channel(s))"
-        )
-    check_duration(len(data) // frame_bytes, rate_in, max_seconds)
+    size = frame_bytes(data, encoding, channels)
+    check_duration(len(data) // size, rate_in, max_seconds)
     out = BlockResampler(rate_in, rate_out, channels, split)
-    step = int(DECODE_BLOCK_SECONDS * rate_in) * frame_bytes
+    step = int(DECODE_BLOCK_SECONDS * rate_in) * size
     for start in range(0, len(data), step):
         if cancel is not None and cancel.is_set():
             raise DecodeCancelled

@@ -1,7 +1,8 @@
 """The gRPC servicer: admission (stream limits), request validation and status codes.
 
 Everything about audio and scoring lives in :mod:`server.session`; this module only turns
-requests into sessions and exceptions into the documented gRPC statuses.
+requests into sessions. Problems are raised as :mod:`server.errors`, whose one table gives
+the documented gRPC status of each; every RPC body runs inside ``grpc_statuses``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
 from server.audio import (
-    DecodeCancelled,
-    InvalidAudio,
     StreamDecoder,
     check_header_duration,
     container_info,
@@ -33,6 +32,15 @@ from server.audio import (
     decode_raw,
 )
 from server.config import ServerConfig
+from server.errors import (
+    ClientTimeout,
+    DecodeCancelled,
+    Draining,
+    InvalidArgument,
+    InvalidAudio,
+    Overloaded,
+    grpc_statuses,
+)
 from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, QueueUnavailable
 from server.session import Session, SpeakerAttributor
@@ -41,13 +49,6 @@ from server.speakers import Diarization
 
 DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
 log = structlog.get_logger("callshield.service")
-# With UNAVAILABLE while draining: clients whose retry policy covers UNAVAILABLE retry after
-# a second (by then a load balancer has seen health NOT_SERVING and routes elsewhere).
-DRAINING_METADATA = (("grpc-retry-pushback-ms", "1000"),)
-
-
-class ClientTimeout(Exception):
-    """The client kept a stream open without sending what it must (maps to DEADLINE_EXCEEDED)."""
 
 
 def peer_address(peer: str) -> str:
@@ -84,34 +85,29 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         for source in self.inputs.values():
             source.end()
 
-    async def _refuse_while_draining(self, context: grpc.aio.ServicerContext) -> None:
+    def _refuse_while_draining(self) -> None:
         if self.draining:
             metrics.STREAMS_REJECTED.labels("draining").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "server shutting down; retry on another instance",
-                                DRAINING_METADATA)
+            raise Draining("server shutting down; retry on another instance")
 
     @asynccontextmanager
     async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Hold one slot for the whole call, or abort with RESOURCE_EXHAUSTED. A slot is taken
+        """Hold one slot for the whole call, or raise :class:`Overloaded`. A slot is taken
         before the config is read, so streams that never send one count against the limits
         (and are closed by ``--config-timeout-seconds``)."""
-        await self._refuse_while_draining(context)
+        self._refuse_while_draining()
         peer = peer_address(context.peer())
         if self.admitted >= self.config.max_streams:
             metrics.STREAMS_REJECTED.labels("max_streams").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server at its limit of {self.config.max_streams} open streams")
+            raise Overloaded(f"server at its limit of {self.config.max_streams} open streams")
         if self.admitted_by_peer[peer] >= self.config.peer_limit:
             metrics.STREAMS_REJECTED.labels("max_streams_per_peer").inc()
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise Overloaded(
                 f"this client address holds {self.admitted_by_peer[peer]} open calls, the "
                 "per-client limit; close one first")
         if self.queue.depth() > self.config.max_queue_depth:
             metrics.STREAMS_REJECTED.labels("queue_depth").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                "inference queue over capacity; retry later")
+            raise Overloaded("inference queue over capacity; retry later")
         self.admitted += 1
         self.admitted_by_peer[peer] += 1
         self.idle.clear()
@@ -139,9 +135,9 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
 
     async def _serve(
         self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],
-        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        """Run a session, registered for limits and metrics, mapping errors to statuses."""
+        """Run a session, registered for limits and metrics; errors are logged here and
+        become statuses in ``grpc_statuses``."""
         self.sessions[session.stream_id] = session
         metrics.STREAMS_OPEN.inc()
         session.log.info("stream open", speakers=list(session.attributor.speakers))
@@ -149,15 +145,15 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
             async with aclosing(session.run(source)) as responses:
                 async for response in responses:
                     yield response
-        except InvalidAudio as exc:
+        except InvalidArgument as exc:
             session.log.info("stream rejected", reason=str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
         except QueueUnavailable as exc:
             session.log.warning("queue unavailable", reason=str(exc))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"inference unavailable: {exc}")
+            raise
         except ClientTimeout as exc:
             session.log.info("stream timed out", reason=str(exc))
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            raise
         finally:
             del self.sessions[session.stream_id]
             metrics.STREAMS_OPEN.dec()
@@ -167,7 +163,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamDetectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        async with self._admit(context):
+        async with grpc_statuses(context), self._admit(context):
             requests = aiter(request_iterator)
             wait = self.config.config_timeout_seconds
             try:
@@ -175,34 +171,28 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                     first = await anext(requests, None)
             except TimeoutError:
                 metrics.STREAMS_TIMED_OUT.labels("config").inc()
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no StreamConfig within {wait:g} s of opening the stream")
+                raise ClientTimeout(
+                    f"no StreamConfig within {wait:g} s of opening the stream") from None
             if first is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    "empty stream: the first request must carry a StreamConfig")
+                raise InvalidArgument("empty stream: the first request must carry a StreamConfig")
             if first.WhichOneof("streaming_request") != "config":
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise InvalidArgument(
                     "the first request must carry a StreamConfig (audio came first)")
-            try:
-                session = self._session(first.config)
-                decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
-                                        session.settings.channels, session.settings.split,
-                                        self.detector.sample_rate)
-            except InvalidAudio as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            session = self._session(first.config)
+            decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
+                                    session.settings.channels, session.settings.split,
+                                    self.detector.sample_rate)
             source = StreamInput(requests, decoder, self.config.idle_timeout_seconds)
             self.inputs[session.stream_id] = source
             try:
-                async for response in self._serve(session, source.chunks(), context):
+                async for response in self._serve(session, source.chunks()):
                     yield response
             finally:
                 del self.inputs[session.stream_id]
             if source.ended_by_server:  # the summary is out; say why the stream ended early
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
+                raise Draining(
                     "server shutting down: the stream was ended early, with its summary; "
-                    "continue on another instance", DRAINING_METADATA)
+                    "continue on another instance")
 
     async def Detect(
         self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
@@ -211,12 +201,10 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         before decoding, decoding and resampling run block by block in a worker thread (the
         event loop keeps serving streams), and a client that cancels or whose deadline passes
         stops the decoding within one block (grpc.aio cancels this coroutine)."""
-        async with self._admit(context):
-            return await self._detect(request, context)
+        async with grpc_statuses(context), self._admit(context):
+            return await self._detect(request)
 
-    async def _detect(
-        self, request: pb.DetectRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DetectResponse:
+    async def _detect(self, request: pb.DetectRequest) -> pb.DetectResponse:
         config = pb.StreamConfig()
         config.CopyFrom(request.config)
         config.interim_results = True  # Detect returns every window
@@ -242,8 +230,6 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                 audio = await asyncio.to_thread(
                     _decoding, decode_raw, request.audio, config.encoding, settings.sample_rate,
                     settings.channels, rate, settings.split, max_seconds, cancel)
-        except InvalidAudio as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             cancel.set()  # the caller is gone (or done): a decoding thread stops at its block
         attributor = None
@@ -252,7 +238,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
             attributor = await self.diarization.offline_attributor(audio[:, 0])
         session = self._session(config, attributor)
         response = pb.DetectResponse()
-        async for event in self._serve(session, _slices(audio, rate), context):
+        async for event in self._serve(session, _slices(audio, rate)):
             if event.HasField("window"):
                 response.windows.append(event.window)
             elif event.HasField("summary"):
@@ -262,7 +248,8 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelResponse:
-        await self._refuse_while_draining(context)
+        async with grpc_statuses(context):
+            self._refuse_while_draining()
         d = self.detector
         return pb.GetModelResponse(
             name=d.name, version=d.version, architecture=d.architecture,
@@ -310,9 +297,10 @@ class StreamInput:
                 break
             kind = request.WhichOneof("streaming_request")
             if kind == "config":
-                raise InvalidAudio("a second StreamConfig: only the first request carries one")
+                raise InvalidArgument(
+                    "a second StreamConfig: only the first request carries one")
             if kind is None:
-                raise InvalidAudio("a request with neither config nor audio")
+                raise InvalidArgument("a request with neither config nor audio")
             yield self.decoder.decode(request.audio)
         yield self.decoder.flush()
 

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 from callshield.v1 import detection_pb2 as pb
-from server.audio import InvalidAudio, check_format
+from server.audio import check_format
+from server.errors import InvalidArgument
 from server.verdicts import DEFAULT_THRESHOLD
 
 MIN_WINDOW_SECONDS, MAX_WINDOW_SECONDS = 0.5, 10.0
@@ -38,13 +39,13 @@ def _labels(config: pb.StreamConfig, split: bool, channels: int) -> tuple[str, .
     labels = tuple(config.party_labels)
     for label in labels:
         if not label or len(label) > MAX_LABEL_CHARS:
-            raise InvalidAudio(f"party labels must have 1 to {MAX_LABEL_CHARS} characters")
+            raise InvalidArgument(f"party labels must have 1 to {MAX_LABEL_CHARS} characters")
     if len(set(labels)) != len(labels):
-        raise InvalidAudio(f"party labels must be distinct, got {list(labels)}")
+        raise InvalidArgument(f"party labels must be distinct, got {list(labels)}")
     if not split:
         return labels[:1] or ("A",)
     if labels and len(labels) != channels:
-        raise InvalidAudio(
+        raise InvalidArgument(
             f"SPLIT mode needs one party label per channel: {channels} channel(s), "
             f"{len(labels)} label(s)"
         )
@@ -55,21 +56,21 @@ def parse_settings(config: pb.StreamConfig, model_window_seconds: float) -> Stre
     channels = config.channels or 1
     check_format(config.encoding, config.sample_rate_hz, channels)
     if config.channel_mode not in pb.ChannelMode.values():
-        raise InvalidAudio(f"unknown channel_mode {config.channel_mode}; use MIXED or SPLIT")
+        raise InvalidArgument(f"unknown channel_mode {config.channel_mode}; use MIXED or SPLIT")
     split = config.channel_mode == pb.CHANNEL_MODE_SPLIT
     window = config.window_seconds or model_window_seconds
     if not MIN_WINDOW_SECONDS <= window <= MAX_WINDOW_SECONDS:
-        raise InvalidAudio(
+        raise InvalidArgument(
             f"window_seconds {window} out of range [{MIN_WINDOW_SECONDS}, {MAX_WINDOW_SECONDS}]"
         )
     hop = config.hop_seconds or min(DEFAULT_HOP_SECONDS, window)
     if not MIN_HOP_SECONDS <= hop <= window:
-        raise InvalidAudio(f"hop_seconds {hop} out of range [{MIN_HOP_SECONDS}, window]")
+        raise InvalidArgument(f"hop_seconds {hop} out of range [{MIN_HOP_SECONDS}, window]")
     threshold = config.alert_threshold or DEFAULT_THRESHOLD
     if not 0 < threshold < 1 or math.isnan(threshold):
-        raise InvalidAudio(f"alert_threshold {threshold} must lie strictly between 0 and 1")
+        raise InvalidArgument(f"alert_threshold {threshold} must lie strictly between 0 and 1")
     if len(config.call_id) > MAX_CALL_ID_CHARS:
-        raise InvalidAudio(f"call_id longer than {MAX_CALL_ID_CHARS} characters")
+        raise InvalidArgument(f"call_id longer than {MAX_CALL_ID_CHARS} characters")
     return StreamSettings(
         encoding=config.encoding, sample_rate=config.sample_rate_hz, channels=channels,
         split=split, call_id=config.call_id, speakers=_labels(config, split, channels),

@@ -1,4 +1,5 @@
-"""Tests for the telephone-channel augmentation (models/data/augment.py)."""
+"""Tests for the G.711 codecs (models/data/audio.py) and the telephone-channel augmentation
+(models/data/augment/)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 from scipy import signal
 
+from models.data import audio
 from models.data import augment as A
+from models.data.augment import channel, rawboost
+from models.data.augment import config as C
 
 PARTS = tuple(A.AugmentConfig._PARTS)
 
@@ -57,44 +61,44 @@ def test_g711_encoders_bit_exact_vs_audioop(audioop) -> None:  # noqa: ANN001
     raw = pcm.astype("<i2").tobytes()
     ulaw = np.frombuffer(audioop.lin2ulaw(raw, 2), np.uint8)
     alaw = np.frombuffer(audioop.lin2alaw(raw, 2), np.uint8)
-    np.testing.assert_array_equal(A.mulaw_encode(pcm), ulaw)
-    np.testing.assert_array_equal(A.alaw_encode(pcm), alaw)
-    np.testing.assert_array_equal(A.mulaw_encode(raw), ulaw)  # bytes in, as the server has
-    np.testing.assert_array_equal(A.alaw_encode(raw), alaw)
+    np.testing.assert_array_equal(audio.mulaw_encode(pcm), ulaw)
+    np.testing.assert_array_equal(audio.alaw_encode(pcm), alaw)
+    np.testing.assert_array_equal(audio.mulaw_encode(raw), ulaw)  # bytes in, as the server has
+    np.testing.assert_array_equal(audio.alaw_encode(raw), alaw)
 
 
 def test_g711_decoders_bit_exact_vs_audioop(audioop) -> None:  # noqa: ANN001
     codes = bytes(range(256))
     ulaw = np.frombuffer(audioop.ulaw2lin(codes, 2), "<i2")
     alaw = np.frombuffer(audioop.alaw2lin(codes, 2), "<i2")
-    np.testing.assert_array_equal(A.mulaw_decode(codes), ulaw)
-    np.testing.assert_array_equal(A.alaw_decode(codes), alaw)
-    np.testing.assert_array_equal(A.mulaw_decode(np.frombuffer(codes, np.uint8)), ulaw)
-    np.testing.assert_array_equal(A.alaw_decode(np.frombuffer(codes, np.uint8)), alaw)
+    np.testing.assert_array_equal(audio.mulaw_decode(codes), ulaw)
+    np.testing.assert_array_equal(audio.alaw_decode(codes), alaw)
+    np.testing.assert_array_equal(audio.mulaw_decode(np.frombuffer(codes, np.uint8)), ulaw)
+    np.testing.assert_array_equal(audio.alaw_decode(np.frombuffer(codes, np.uint8)), alaw)
 
 
 def test_g711_reference_points_and_formula_tables() -> None:
     """Known G.711 code points, so the codecs stay checked once audioop is gone (3.13)."""
     zero = np.zeros(1, np.int16)
-    assert A.mulaw_encode(zero)[0] == 0xFF and A.alaw_encode(zero)[0] == 0xD5
+    assert audio.mulaw_encode(zero)[0] == 0xFF and audio.alaw_encode(zero)[0] == 0xD5
     extremes = np.array([0x00, 0x80, 0x7F, 0xFF], np.uint8)
-    np.testing.assert_array_equal(A.mulaw_decode(extremes), [-32124, 32124, 0, 0])
+    np.testing.assert_array_equal(audio.mulaw_decode(extremes), [-32124, 32124, 0, 0])
     a_codes = np.array([0x2A, 0xAA, 0x55, 0xD5], np.uint8)
-    np.testing.assert_array_equal(A.alaw_decode(a_codes), [-32256, 32256, -8, 8])
+    np.testing.assert_array_equal(audio.alaw_decode(a_codes), [-32256, 32256, -8, 8])
     codes = np.arange(256, dtype=np.uint8)
     ulaw_back = codes.copy()
     ulaw_back[0x7F] = 0xFF  # mu-law's "negative zero" decodes to 0, which encodes as +0
     for enc, dec, back in (
-        (A.mulaw_encode, A.mulaw_decode, ulaw_back),
-        (A.alaw_encode, A.alaw_decode, codes),
+        (audio.mulaw_encode, audio.mulaw_decode, ulaw_back),
+        (audio.alaw_encode, audio.alaw_decode, codes),
     ):
         np.testing.assert_array_equal(enc(dec(codes)), back)  # decoding inverts encoding
         assert dec(codes).dtype == np.int16 and enc(zero).dtype == np.uint8
     pcm = np.arange(-32768, 32768, 7, dtype=np.int16)
-    np.testing.assert_array_equal(A._ulaw_encode_formula(pcm), A.mulaw_encode(pcm))
-    np.testing.assert_array_equal(A._alaw_encode_formula(pcm), A.alaw_encode(pcm))
+    np.testing.assert_array_equal(audio._ulaw_encode_formula(pcm), audio.mulaw_encode(pcm))
+    np.testing.assert_array_equal(audio._alaw_encode_formula(pcm), audio.alaw_encode(pcm))
     with pytest.raises(TypeError):
-        A.mulaw_encode(np.zeros(4, np.int32))
+        audio.mulaw_encode(np.zeros(4, np.int32))
 
 
 # --------------------------------------------------------------------------- parts
@@ -168,23 +172,23 @@ def test_butterworth_sos_matches_scipy(btype: str, order: int) -> None:
     for cutoff in (200.0, 3400.0):
         ref = signal.butter(order, cutoff, btype=btype, fs=8000, output="sos")
         _, h_ref = signal.sosfreqz(ref, 256)
-        _, h = signal.sosfreqz(A.butterworth_sos(order, cutoff, 8000, btype), 256)
+        _, h = signal.sosfreqz(channel.butterworth_sos(order, cutoff, 8000, btype), 256)
         np.testing.assert_allclose(h, h_ref, atol=1e-9)
 
 
-@pytest.mark.parametrize("color", sorted(A.NOISE_COLORS))
+@pytest.mark.parametrize("color", sorted(channel.NOISE_COLORS))
 @pytest.mark.parametrize("snr_db", [10.0, 25.0, 40.0])
 def test_additive_noise_snr(color: str, snr_db: float) -> None:
     x = _speech_like(8000)
-    y = A.add_noise(x, snr_db, color, np.random.default_rng(3))
+    y = channel.add_noise(x, snr_db, color, np.random.default_rng(3))
     measured = _rms_db(x) - _rms_db(y - x)
     assert abs(measured - snr_db) < 1.0
 
 
 def test_rawboost_ssi_snr() -> None:
     x = _speech_like(8000)
-    cfg = A.SSIConfig(p=1.0, snr_db=(20.0, 20.0))
-    y = A.ssi_additive_noise(x, cfg, 8000, np.random.default_rng(4))
+    cfg = C.SSIConfig(p=1.0, snr_db=(20.0, 20.0))
+    y = rawboost.ssi_additive_noise(x, cfg, 8000, np.random.default_rng(4))
     assert abs(_rms_db(x) - _rms_db(y - x) - 20.0) < 1.0
 
 
@@ -193,7 +197,7 @@ def test_noise_colors_have_expected_slope() -> None:
     rng = np.random.default_rng(0)
     x = np.full(1 << 15, 0.1, np.float32)  # DC 'signal': only sets the noise power
     for color, slope in (("white", 0.0), ("pink", -3.0), ("brown", -6.0)):
-        noise = A.add_noise(x, 0.0, color, rng) - x
+        noise = channel.add_noise(x, 0.0, color, rng) - x
         freqs, psd = signal.welch(noise, fs=8000, nperseg=1024)
         lo = psd[(freqs > 200) & (freqs < 400)].mean()
         hi = psd[(freqs > 1600) & (freqs < 3200)].mean()  # three octaves higher
@@ -203,8 +207,8 @@ def test_noise_colors_have_expected_slope() -> None:
 def test_lnl_overlap_add_equals_direct_convolution() -> None:
     """The block-FFT path computes exactly sum_i conv(x**i, taps_i), delay-compensated."""
     rng = np.random.default_rng(5)
-    cfg = A.LnLConfig(p=1.0)
-    response, length, delay = A._notch_filters(rng, 3, cfg, np.zeros(3), 8000)
+    cfg = C.LnLConfig(p=1.0)
+    response, length, delay = rawboost._notch_filters(rng, 3, cfg, np.zeros(3), 8000)
     n_fft = 2 * (response.shape[1] - 1)
     taps = np.fft.irfft(response, n_fft)
     assert np.abs(taps[:, length:]).max() < 1e-9  # taps fit in `length`
@@ -212,17 +216,18 @@ def test_lnl_overlap_add_equals_direct_convolution() -> None:
     for n in (1, 100, length, 5000):
         x = rng.uniform(-1, 1, (3, n)).astype(np.float32)
         ref = sum(np.convolve(x[i], taps[i, :length]) for i in range(3))[delay : delay + n]
-        np.testing.assert_allclose(A._overlap_add(x, response, length, delay), ref, atol=1e-5)
+        out = rawboost._overlap_add(x, response, length, delay)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
 def test_packet_loss_zero_and_repeat() -> None:
     x = _speech_like(8000)
     frame = 160
-    y = A.packet_loss(x, 8000, 20.0, 1.0, False, np.random.default_rng(0))
+    y = channel.packet_loss(x, 8000, 20.0, 1.0, False, np.random.default_rng(0))
     np.testing.assert_array_equal(y, 0.0)
-    y = A.packet_loss(x, 8000, 20.0, 0.0, True, np.random.default_rng(0))
+    y = channel.packet_loss(x, 8000, 20.0, 0.0, True, np.random.default_rng(0))
     np.testing.assert_array_equal(y, x)
-    y = A.packet_loss(x, 8000, 20.0, 0.3, True, np.random.default_rng(2))
+    y = channel.packet_loss(x, 8000, 20.0, 0.3, True, np.random.default_rng(2))
     changed = np.flatnonzero(y != x)
     assert changed.size > 0
     # every concealed sample is a copy of a sample a whole number of packets earlier (or 0)
@@ -233,8 +238,8 @@ def test_packet_loss_zero_and_repeat() -> None:
 
 def test_isd_touches_a_few_percent() -> None:
     x = _speech_like(8000) * 0.5  # impulses stay below full scale: no peak renormalisation
-    cfg = A.ISDConfig(p=1.0, max_rate_percent=10.0)
-    y = A.isd_additive_noise(x, cfg, np.random.default_rng(0))
+    cfg = C.ISDConfig(p=1.0, max_rate_percent=10.0)
+    y = rawboost.isd_additive_noise(x, cfg, np.random.default_rng(0))
     frac = np.mean(y != x)
     assert 0 < frac <= 0.1 + 1e-9
     _check_wave(y, x.shape[0])
@@ -271,8 +276,8 @@ def test_from_dict_parses_yaml_values_and_validates() -> None:
     cfg = A.AugmentConfig.from_dict(
         {"noise": {"p": 1, "snr_db": [5, 15], "colors": ["pink"]}, "gain": None}
     )
-    assert cfg.noise == A.NoiseConfig(p=1.0, snr_db=(5.0, 15.0), colors=("pink",))
-    assert cfg.gain == A.GainConfig() and cfg.g711 == A.G711Config()
+    assert cfg.noise == C.NoiseConfig(p=1.0, snr_db=(5.0, 15.0), colors=("pink",))
+    assert cfg.gain == C.GainConfig() and cfg.g711 == C.G711Config()
     assert A.AugmentConfig.from_dict({}) == A.AugmentConfig()
     bad = [
         {"noise": {"p": 1.5}},
@@ -301,10 +306,10 @@ def test_rejects_non_mono() -> None:
 @pytest.mark.parametrize("n", [1, 45, 4001])
 def test_noise_on_odd_lengths(n: int) -> None:
     x = _speech_like(8000)[:n]
-    for color in A.NOISE_COLORS:
-        y = A.add_noise(x, 20.0, color, np.random.default_rng(0))
+    for color in channel.NOISE_COLORS:
+        y = channel.add_noise(x, 20.0, color, np.random.default_rng(0))
         assert y.shape == (n,) and y.dtype == np.float32 and np.isfinite(y).all()
-    y = A.ssi_additive_noise(x, A.SSIConfig(p=1.0), 8000, np.random.default_rng(0))
+    y = rawboost.ssi_additive_noise(x, C.SSIConfig(p=1.0), 8000, np.random.default_rng(0))
     assert y.shape == (n,) and np.isfinite(y).all()
 
 

@@ -36,7 +36,7 @@ from bench.plugin_peers import (
     FakeHttp,
     twilio_messages,
 )
-from models.data.augment import mulaw_encode
+from models.data.audio import mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.core import DetectorLink
 from plugins.twilio import TwilioSettings

@@ -11,16 +11,15 @@ import soundfile
 import soxr
 
 from callshield.v1 import detection_pb2 as pb
-from models.data.augment import alaw_encode, mulaw_encode
+from models.data.audio import alaw_encode, mulaw_encode
 from server.audio import (
     MAX_CHUNK_BYTES,
-    DecodeCancelled,
-    InvalidAudio,
     StreamDecoder,
     decode_container,
     decode_raw,
     pcm_from_bytes,
 )
+from server.errors import DecodeCancelled, InvalidArgument, InvalidAudio
 from server.lanes import Lanes
 from server.settings import parse_settings
 from server.verdicts import EmaRule, State
@@ -78,7 +77,7 @@ def test_settings_defaults_and_labels() -> None:
     cfg.party_labels[:] = ["agent", "caller"]
     assert parse_settings(cfg, 4.0).speakers == ("agent", "caller")
     cfg.party_labels[:] = ["agent"]
-    with pytest.raises(InvalidAudio, match="one party label per channel"):
+    with pytest.raises(InvalidArgument, match="one party label per channel"):
         parse_settings(cfg, 4.0)
 
 
@@ -176,3 +175,26 @@ def test_flac_without_a_length_in_its_header_is_refused_cleanly() -> None:
     assert soundfile.info(io.BytesIO(bytes(data))).frames == 2**63 - 1
     with pytest.raises(InvalidAudio, match="header does not give its length"):
         decode_container(bytes(data), 8000, False, 3600)
+
+
+def test_errors_map_to_their_documented_statuses() -> None:
+    """One table (server/errors.py) chooses the status; a label or threshold problem is an
+    invalid argument, not invalid audio."""
+    import grpc
+
+    from server.errors import ClientTimeout, Draining, Overloaded, grpc_status
+    from server.queue.base import QueueUnavailable
+
+    assert grpc_status(InvalidAudio("a"))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "a")
+    assert grpc_status(InvalidArgument("b"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_status(ClientTimeout("c"))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert grpc_status(Overloaded("d"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_status(Draining("e")) == (grpc.StatusCode.UNAVAILABLE, "e",
+                                          (("grpc-retry-pushback-ms", "1000"),))
+    assert grpc_status(QueueUnavailable("f"))[:2] == (
+        grpc.StatusCode.UNAVAILABLE, "inference unavailable: f")
+    cfg = pb.StreamConfig(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=8000,
+                          alert_threshold=1.5)
+    with pytest.raises(InvalidArgument, match="alert_threshold") as raised:
+        parse_settings(cfg, 4.0)
+    assert not isinstance(raised.value, InvalidAudio)

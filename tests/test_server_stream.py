@@ -10,7 +10,7 @@ import soundfile
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
-from models.data.augment import mulaw_encode
+from models.data.audio import mulaw_encode
 from models.inference import Detector
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import collect, linear16_chunks, noise_pcm, requests, stream_config

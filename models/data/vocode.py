@@ -180,7 +180,7 @@ def match_channel(
     """Band, level and noise floor of the corpus processing, so only the vocoder differs."""
     from scipy import signal
 
-    from models.data.augment import add_noise
+    from models.data.augment.channel import add_noise
 
     out = vocoded.astype(np.float64)
     if sample_rate <= 16000:  # telephone-band sources stay in the telephone band
