@@ -43,7 +43,7 @@ from plugins.delivery import (
     SpoofAlert,
     summary_event,
 )
-from plugins.protocols.base import AudioFormat
+from plugins.protocols.events import AudioFormat
 from plugins.webhook import WebhookSender
 
 STALL_SECONDS = 5.0  # audio the bridge buffers for a detector that stopped reading

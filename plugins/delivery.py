@@ -18,7 +18,7 @@ import structlog
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics
-from plugins.protocols.base import Outbound
+from plugins.protocols.events import Outbound
 from plugins.webhook import WebhookSender
 
 DELIVERY_SECONDS = 30.0  # at shutdown: pending alert deliveries (webhook retries) or give up

@@ -32,25 +32,9 @@ import structlog
 from plugins import metrics
 from plugins.core import CallBridge, DetectorGone, DetectorLink
 from plugins.delivery import AlertSink
-from plugins.protocols.base import (
-    Audio,
-    Cause,
-    Close,
-    Dropped,
-    Ending,
-    Event,
-    Hangup,
-    Identify,
-    Inbound,
-    Note,
-    Outbound,
-    Pause,
-    PlatformProtocol,
-    ProtocolViolation,
-    Resume,
-    Send,
-    Start,
-)
+from plugins.protocols import events as ev
+from plugins.protocols.base import Cause, Ending, Inbound, PlatformProtocol
+from plugins.protocols.events import Outbound, ProtocolViolation
 
 FILL_STEP_SECONDS = 0.2  # how often silence catches up with the clock during a pause
 
@@ -97,7 +81,7 @@ class PlatformCall:
             self.log.warning("protocol error", reason=exc.reason, detail=str(exc))
             await self.end(self.protocol.ending(Cause.PROTOCOL, exc))
         except ConnectionError as exc:
-            await self._dropped(Dropped("connection lost", fields={"error": type(exc).__name__}))
+            await self._dropped(ev.Dropped("connection lost", fields={"error": type(exc).__name__}))
             await self.end(Ending())
         except DetectorGone:
             await self.end(self.protocol.ending(Cause.DETECTOR))
@@ -123,36 +107,36 @@ class PlatformCall:
         else:
             await self.transport.close()
 
-    async def _apply(self, events: list[Event]) -> bool:
+    async def _apply(self, events: list[ev.Event]) -> bool:
         """Act on ``events`` in order; True when the protocol's conversation is over."""
         for event in events:
-            if isinstance(event, Audio):
+            if isinstance(event, ev.Audio):
                 assert self.bridge is not None, "audio before the stream opened"
                 self.bridge.feed(event.data)
-            elif isinstance(event, Send):
+            elif isinstance(event, ev.Send):
                 await self.transport.send(event.message)
-            elif isinstance(event, Identify):
+            elif isinstance(event, ev.Identify):
                 self.log = self._base.bind(call_id=event.call_id, **event.context)
-            elif isinstance(event, Start):
+            elif isinstance(event, ev.Start):
                 self.bridge = self.detector.open_call(
                     self.plugin, event.call_id, event.format, deliver=self.deliver,
                     on_failure=self.on_failure)
-            elif isinstance(event, Note):
+            elif isinstance(event, ev.Note):
                 getattr(self.log, event.level)(event.event, **event.fields)
-            elif isinstance(event, Hangup):
+            elif isinstance(event, ev.Hangup):
                 await self._hangup()
-            elif isinstance(event, Dropped):
+            elif isinstance(event, ev.Dropped):
                 await self._dropped(event)
-            elif isinstance(event, Pause):
+            elif isinstance(event, ev.Pause):
                 if self.bridge is not None and self.filler is None:
                     self.filler = asyncio.create_task(self._fill(self.bridge, event))
-            elif isinstance(event, Resume):
+            elif isinstance(event, ev.Resume):
                 if self.filler is not None:
                     self.filler.cancel()
                     self.filler = None
             elif isinstance(event, ProtocolViolation):
                 raise event
-            elif isinstance(event, Close):
+            elif isinstance(event, ev.Close):
                 return True
         return False
 
@@ -161,7 +145,7 @@ class PlatformCall:
             await self._apply(self.protocol.flush())
             await self.bridge.finish()
 
-    async def _dropped(self, event: Dropped) -> None:
+    async def _dropped(self, event: ev.Dropped) -> None:
         if self.bridge is not None and self.bridge.failed is not None:
             return  # we ended the call (detector gone): its close is no news
         if event.lost:
@@ -205,7 +189,7 @@ class PlatformCall:
                     await self.transport.send(message)
                 return
 
-    async def _fill(self, bridge: CallBridge, pause: Pause) -> None:
+    async def _fill(self, bridge: CallBridge, pause: ev.Pause) -> None:
         """The platform sends no audio while paused (a card number read out, say): silence
         takes its place in real time, so call time stays wall time and the detector's idle
         timeout never ends the stream in a long pause."""

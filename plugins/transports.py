@@ -11,7 +11,8 @@ from contextlib import suppress
 
 from aiohttp import WSMsgType, web
 
-from plugins.protocols.base import NORMAL, Inbound, Outbound, ProtocolViolation
+from plugins.protocols.base import Inbound
+from plugins.protocols.events import NORMAL, Outbound, ProtocolViolation
 
 READ_BYTES = 65536
 

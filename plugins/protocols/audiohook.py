@@ -22,29 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from callshield.v1 import detection_pb2 as pb
-from plugins.protocols.base import (
-    Audio,
-    AudioFormat,
-    Cause,
-    Close,
-    Dropped,
-    Dtmf,
-    Ending,
-    Event,
-    Hangup,
-    Identify,
-    Inbound,
-    Note,
-    Outbound,
-    Pause,
-    PlatformProtocol,
-    ProtocolViolation,
-    Resume,
-    Send,
-    Start,
-    dumps,
-    json_object,
-)
+from plugins.protocols import events as ev
+from plugins.protocols.base import Cause, Ending, Inbound, PlatformProtocol, dumps, json_object
+from plugins.protocols.events import AudioFormat, Outbound, ProtocolViolation
 
 VERSION = "2"
 PARTY = {"external": "caller", "internal": "agent"}
@@ -96,13 +76,13 @@ class AudioHookProtocol(PlatformProtocol):
         return dumps({"version": VERSION, "type": kind, "seq": self.seq,
                       "clientseq": self.clientseq, "id": self.id, "parameters": parameters})
 
-    def _receive(self, data: Inbound, events: list[Event]) -> None:
+    def _receive(self, data: Inbound, events: list[ev.Event]) -> None:
         if isinstance(data, bytes):
             events += self._audio(data)
         else:
             events += self._message(json_object(data))
 
-    def _audio(self, data: bytes) -> list[Event]:
+    def _audio(self, data: bytes) -> list[ev.Event]:
         if self.disconnecting:
             return []  # frames in flight before the client saw our disconnect
         if not (self.opened or self.probe) or self.closing:
@@ -113,9 +93,9 @@ class AudioHookProtocol(PlatformProtocol):
             raise ProtocolViolation("length", f"audio frame of {len(data)} bytes is not whole "
                                     f"samples of {self.channels} channels")
         self.samples += len(data) // self.channels
-        return [] if self.paused else [Audio(data)]
+        return [] if self.paused else [ev.Audio(data)]
 
-    def _message(self, message: dict[str, Any]) -> list[Event]:
+    def _message(self, message: dict[str, Any]) -> list[ev.Event]:
         seq = message.get("seq")
         if message.get("version") != VERSION or not isinstance(seq, int):
             raise ProtocolViolation("malformed", "message without version 2 and integer seq")
@@ -127,44 +107,44 @@ class AudioHookProtocol(PlatformProtocol):
         if kind == "open":
             return self._open(message)
         if kind == "ping":
-            return [Send(self.message("pong", {}))]
+            return [ev.Send(self.message("pong", {}))]
         if kind == "close":
             self.closing = True
             reason = str(parameters.get("reason")) if isinstance(parameters, dict) else "None"
-            events: list[Event] = [Note("close", fields={"reason": reason})]
+            events: list[ev.Event] = [ev.Note("close", fields={"reason": reason})]
             if self.opened and not self.disconnecting:
-                events.append(Hangup())
-            return events + [Send(self.message("closed", {})), Close()]
+                events.append(ev.Hangup())
+            return events + [ev.Send(self.message("closed", {})), ev.Close()]
         if kind in TOLERATED:
             if not (self.opened or self.probe):
                 raise ProtocolViolation("sequence", f"{kind} before open")
             return self._notice(kind, parameters)
         raise ProtocolViolation("unknown_type", f"unknown message type {str(kind)[:40]!r}")
 
-    def _notice(self, kind: str, parameters: Any) -> list[Event]:
+    def _notice(self, kind: str, parameters: Any) -> list[ev.Event]:
         """Messages that change nothing but the record: logged, without participant data."""
         if not isinstance(parameters, dict):
             parameters = {}
         position = iso_duration(self.samples / RATE)
         if kind in ("paused", "resumed"):
             self.paused = kind == "paused"
-            note = Note(kind, fields={"position": position})
+            note = ev.Note(kind, fields={"position": position})
             if self.paused:
-                return [note, Pause(bytes([PCMU_SILENCE]) * self.channels, RATE)]
-            return [note, Resume()]
+                return [note, ev.Pause(bytes([PCMU_SILENCE]) * self.channels, RATE)]
+            return [note, ev.Resume()]
         if kind == "error":
-            return [Note("client error", "warning", {
+            return [ev.Note("client error", "warning", {
                 "code": str(parameters.get("code", ""))[:10],
                 "message": str(parameters.get("message", ""))[:200], "position": position})]
         if kind == "discarded":
-            return [Note("client discarded audio", "warning", {
+            return [ev.Note("client discarded audio", "warning", {
                 "start": str(parameters.get("start"))[:20],
                 "discarded": str(parameters.get("discarded"))[:20]})]
         if kind == "update":
-            return [Note("client update", fields={"parameters": sorted(parameters)[:10]})]
-        return [Dtmf(str(parameters.get("digit", "")))]
+            return [ev.Note("client update", fields={"parameters": sorted(parameters)[:10]})]
+        return [ev.Dtmf(str(parameters.get("digit", "")))]
 
-    def _open(self, message: dict[str, Any]) -> list[Event]:
+    def _open(self, message: dict[str, Any]) -> list[ev.Event]:
         if self.opened or self.probe:
             raise ProtocolViolation("sequence", "a second open")
         self.id = str(message.get("id") or self.id)
@@ -177,21 +157,21 @@ class AudioHookProtocol(PlatformProtocol):
             raise ProtocolViolation("format", "no PCMU 8000 Hz external[/internal] media offered")
         call_id = str(parameters.get("conversationId") or self.id)
         self.channels = len(media["channels"])
-        events: list[Event] = [
-            Identify(call_id, {"session_id": self.id}),
-            Send(self.message("opened", {"startPaused": False, "media": [media]}))]
+        events: list[ev.Event] = [
+            ev.Identify(call_id, {"session_id": self.id}),
+            ev.Send(self.message("opened", {"startPaused": False, "media": [media]}))]
         if call_id == PROBE_CONVERSATION:
             self.probe = True
-            return events + [Note("connection probe")]
+            return events + [ev.Note("connection probe")]
         self.opened = True
         fmt = AudioFormat(pb.AUDIO_ENCODING_MULAW, RATE,
                           tuple(PARTY[c] for c in media["channels"]))
-        return events + [Start(call_id, fmt)]
+        return events + [ev.Start(call_id, fmt)]
 
-    def end_of_input(self, close_code: int | None) -> list[Event]:
+    def end_of_input(self, close_code: int | None) -> list[ev.Event]:
         if self.closing:
             return []
-        return [Dropped("connection lost before close")]
+        return [ev.Dropped("connection lost before close")]
 
     def alert(self, data: dict[str, Any]) -> Outbound | None:
         if self.closing or self.disconnecting:

@@ -17,23 +17,9 @@ import uuid
 from collections.abc import Mapping
 
 from callshield.v1 import detection_pb2 as pb
-from plugins.protocols.base import (
-    Audio,
-    AudioFormat,
-    Cause,
-    Close,
-    Dropped,
-    Dtmf,
-    Ending,
-    Event,
-    Hangup,
-    Identify,
-    Inbound,
-    Note,
-    PlatformProtocol,
-    ProtocolViolation,
-    Start,
-)
+from plugins.protocols import events as ev
+from plugins.protocols.base import Cause, Ending, Inbound, PlatformProtocol
+from plugins.protocols.events import AudioFormat, ProtocolViolation
 
 HANGUP, UUID, DTMF, SLIN, ERROR = 0x00, 0x01, 0x03, 0x10, 0xFF
 HEADER = struct.Struct(">BH")
@@ -68,7 +54,7 @@ class AudioSocketProtocol(PlatformProtocol):
         self._buffer = bytearray()
         self._over = False  # hangup or error frame seen: the rest is not read
 
-    def _receive(self, data: Inbound, events: list[Event]) -> None:
+    def _receive(self, data: Inbound, events: list[ev.Event]) -> None:
         if self._over:
             return
         self._buffer += data if isinstance(data, bytes) else data.encode()
@@ -81,14 +67,15 @@ class AudioSocketProtocol(PlatformProtocol):
             del self._buffer[:end]
             self._frame(kind, payload, events)
 
-    def _frame(self, kind: int, payload: bytes, events: list[Event]) -> None:
+    def _frame(self, kind: int, payload: bytes, events: list[ev.Event]) -> None:
         if kind == HANGUP:
             self._over = True
-            events += [Note("hangup"), Hangup(), Close()]
+            events += [ev.Note("hangup"), ev.Hangup(), ev.Close()]
         elif kind == ERROR:
             self._over = True
             code = payload[0] if payload else None
-            events += [Note("asterisk error frame", "warning", {"code": code}), Hangup(), Close()]
+            note = ev.Note("asterisk error frame", "warning", {"code": code})
+            events += [note, ev.Hangup(), ev.Close()]
         elif kind == UUID:
             if len(payload) != 16:
                 raise ProtocolViolation("length",
@@ -96,17 +83,17 @@ class AudioSocketProtocol(PlatformProtocol):
             if self.uuid is not None:
                 raise ProtocolViolation("sequence", "a second UUID frame")
             self.uuid = str(uuid.UUID(bytes=payload))
-            events.append(Identify(self.uuid))
+            events.append(ev.Identify(self.uuid))
         elif kind == DTMF:
             if len(payload) != 1:
                 raise ProtocolViolation("length", f"DTMF frame of {len(payload)} bytes")
-            events.append(Dtmf(payload.decode("latin-1")))
+            events.append(ev.Dtmf(payload.decode("latin-1")))
         elif kind in self.slin_types:
             events += self._audio(kind, payload)
         else:
             raise ProtocolViolation("unknown_type", f"unknown frame type {kind:#04x}")
 
-    def _audio(self, kind: int, payload: bytes) -> list[Event]:
+    def _audio(self, kind: int, payload: bytes) -> list[ev.Event]:
         if self.uuid is None:
             raise ProtocolViolation("sequence", "audio before the UUID frame")
         if not payload or len(payload) % 2:
@@ -116,12 +103,12 @@ class AudioSocketProtocol(PlatformProtocol):
         if self.rate is None:
             self.rate = rate
             fmt = AudioFormat(pb.AUDIO_ENCODING_LINEAR16, rate, ("caller",))
-            return [Start(self.uuid, fmt), Audio(payload)]
+            return [ev.Start(self.uuid, fmt), ev.Audio(payload)]
         if rate != self.rate:
             raise ProtocolViolation("format", f"sample rate changed from {self.rate} to {rate}")
-        return [Audio(payload)]
+        return [ev.Audio(payload)]
 
-    def end_of_input(self, close_code: int | None) -> list[Event]:
+    def end_of_input(self, close_code: int | None) -> list[ev.Event]:
         if self._over:
             return []
         if len(self._buffer) >= HEADER.size:
@@ -130,8 +117,8 @@ class AudioSocketProtocol(PlatformProtocol):
                 "length", f"frame type {kind:#04x} announced {length} bytes, connection ended "
                 f"after {len(self._buffer) - HEADER.size}")]
         if self._buffer or self.rate is None:
-            return [Dropped("connection lost", fields={"error": "IncompleteReadError"})]
-        return [Note("hangup", fields={"how": "socket closed"}), Hangup()]
+            return [ev.Dropped("connection lost", fields={"error": "IncompleteReadError"})]
+        return [ev.Note("hangup", fields={"how": "socket closed"}), ev.Hangup()]
 
     def ending(self, cause: Cause, error: ProtocolViolation | None = None) -> Ending | None:
         """Detector gone: a hangup frame, so the dialplan goes on without us; anything else:

@@ -17,22 +17,14 @@ import uuid
 from typing import Any
 
 from callshield.v1 import detection_pb2 as pb
-from plugins.protocols.base import (
+from plugins.protocols import events as ev
+from plugins.protocols.base import Inbound, WebSocketProtocol, dumps, json_object
+from plugins.protocols.events import (
     INVALID_PAYLOAD,
     POLICY_VIOLATION,
-    Audio,
     AudioFormat,
-    Event,
-    Hangup,
-    Identify,
-    Inbound,
-    Note,
     Outbound,
     ProtocolViolation,
-    Start,
-    WebSocketProtocol,
-    dumps,
-    json_object,
 )
 
 RATES = {"8k": 8000, "8000": 8000, "16k": 16000, "16000": 16000}
@@ -63,7 +55,7 @@ class AudioForkProtocol(WebSocketProtocol):
     def __init__(self) -> None:
         self.format: AudioFormat | None = None
 
-    def _receive(self, data: Inbound, events: list[Event]) -> None:
+    def _receive(self, data: Inbound, events: list[ev.Event]) -> None:
         if isinstance(data, bytes):
             if self.format is None:
                 raise ProtocolViolation("sequence", "audio before the metadata frame",
@@ -72,13 +64,13 @@ class AudioForkProtocol(WebSocketProtocol):
                 raise ProtocolViolation(
                     "length", f"audio frame of {len(data)} bytes is not whole samples",
                     INVALID_PAYLOAD)
-            events.append(Audio(data))
+            events.append(ev.Audio(data))
         elif self.format is None:
             call_id, self.format = parse_metadata(json_object(data))
-            events += [Identify(call_id), Start(call_id, self.format)]
+            events += [ev.Identify(call_id), ev.Start(call_id, self.format)]
 
-    def end_of_input(self, close_code: int | None) -> list[Event]:
-        return [Note("fork closed"), Hangup()] if self.format is not None else []
+    def end_of_input(self, close_code: int | None) -> list[ev.Event]:
+        return [ev.Note("fork closed"), ev.Hangup()] if self.format is not None else []
 
     def alert(self, data: dict[str, Any]) -> Outbound | None:
         return dumps({"type": "spoof_alert", "data": data})

@@ -18,25 +18,14 @@ from typing import Any
 import numpy as np
 
 from callshield.v1 import detection_pb2 as pb
-from plugins.protocols.base import (
+from plugins.protocols import events as ev
+from plugins.protocols.base import Inbound, WebSocketProtocol, json_object
+from plugins.protocols.events import (
     INVALID_PAYLOAD,
     NORMAL,
     UNSUPPORTED_DATA,
-    Audio,
     AudioFormat,
-    Close,
-    Dropped,
-    Dtmf,
-    Event,
-    Hangup,
-    Identify,
-    Inbound,
-    Mark,
-    Note,
     ProtocolViolation,
-    Start,
-    WebSocketProtocol,
-    json_object,
 )
 
 PARTY = {"inbound": "caller", "outbound": "agent"}
@@ -55,7 +44,7 @@ class TwilioProtocol(WebSocketProtocol):
         self.account_sid = ""  # the start message's: whose REST API updates the call
         self.call_sid = ""
 
-    def _receive(self, data: Inbound, events: list[Event]) -> None:
+    def _receive(self, data: Inbound, events: list[ev.Event]) -> None:
         message = json_object(data)
         kind = message.get("event")
         if kind == "media":
@@ -65,17 +54,17 @@ class TwilioProtocol(WebSocketProtocol):
         elif kind == "stop":
             if not self.started:
                 raise ProtocolViolation("sequence", "stop before start")
-            events += [Note("stop"), Hangup(), Close()]
+            events += [ev.Note("stop"), ev.Hangup(), ev.Close()]
         elif kind == "dtmf":
             dtmf = message.get("dtmf")
-            events.append(Dtmf(str(dtmf.get("digit", "")) if isinstance(dtmf, dict) else ""))
+            events.append(ev.Dtmf(str(dtmf.get("digit", "")) if isinstance(dtmf, dict) else ""))
         elif kind == "mark":
             mark = message.get("mark")
-            events.append(Mark(str(mark.get("name", "")) if isinstance(mark, dict) else ""))
+            events.append(ev.Mark(str(mark.get("name", "")) if isinstance(mark, dict) else ""))
         elif kind != "connected":
             raise ProtocolViolation("unknown_type", f"unknown event {str(kind)[:40]!r}")
 
-    def _start(self, message: dict[str, Any]) -> list[Event]:
+    def _start(self, message: dict[str, Any]) -> list[ev.Event]:
         if self.started:
             raise ProtocolViolation("sequence", "a second start message")
         start = message.get("start")
@@ -97,10 +86,10 @@ class TwilioProtocol(WebSocketProtocol):
         self.tracks = tracks
         self.buffers = {t: bytearray() for t in tracks}
         fmt_ = AudioFormat(pb.AUDIO_ENCODING_MULAW, 8000, tuple(PARTY[t] for t in tracks))
-        return [Identify(self.call_sid, {"stream_sid": str(start.get("streamSid", ""))}),
-                Start(self.call_sid or str(message.get("streamSid", "")), fmt_)]
+        return [ev.Identify(self.call_sid, {"stream_sid": str(start.get("streamSid", ""))}),
+                ev.Start(self.call_sid or str(message.get("streamSid", "")), fmt_)]
 
-    def _media(self, message: dict[str, Any]) -> list[Event]:
+    def _media(self, message: dict[str, Any]) -> list[ev.Event]:
         if not self.started:
             raise ProtocolViolation("sequence", "media before start")
         media = message.get("media")
@@ -114,14 +103,14 @@ class TwilioProtocol(WebSocketProtocol):
         self.buffers[media["track"]] += audio
         return self._paired()
 
-    def _paired(self, flush: bool = False) -> list[Event]:
+    def _paired(self, flush: bool = False) -> list[ev.Event]:
         """Whatever is paired up; a track lagging by more than MAX_SKEW_SECONDS is padded
         (at the end of the call, by any amount)."""
         if len(self.tracks) == 1:
             buf = self.buffers[self.tracks[0]]
             audio = bytes(buf)
             buf.clear()
-            return [Audio(audio)] if audio else []
+            return [ev.Audio(audio)] if audio else []
         a, b = (self.buffers[t] for t in self.tracks)
         skew = 0 if flush else int(MAX_SKEW_SECONDS * 8000)
         for lead, lag in ((a, b), (b, a)):
@@ -134,18 +123,18 @@ class TwilioProtocol(WebSocketProtocol):
         out[0::2] = np.frombuffer(bytes(a[:n]), np.uint8)
         out[1::2] = np.frombuffer(bytes(b[:n]), np.uint8)
         del a[:n], b[:n]
-        return [Audio(out.tobytes())]
+        return [ev.Audio(out.tobytes())]
 
-    def flush(self) -> list[Event]:
+    def flush(self) -> list[ev.Event]:
         return self._paired(flush=True) if self.started else []
 
-    def end_of_input(self, close_code: int | None) -> list[Event]:
+    def end_of_input(self, close_code: int | None) -> list[ev.Event]:
         """Twilio ends with ``stop``, but a socket closed without it still ends the call:
         everything received is scored and summarized, nothing is thrown away."""
         if not self.started:
             return []
         if close_code in (NORMAL, GOING_AWAY):
-            return [Dropped("socket closed without stop: call ended", "info",
+            return [ev.Dropped("socket closed without stop: call ended", "info",
                             {"close_code": close_code}, lost=False, finish=True)]
-        return [Dropped("connection lost before stop: call ended", "warning",
+        return [ev.Dropped("connection lost before stop: call ended", "warning",
                         {"close_code": close_code}, lost=True, finish=True)]
