@@ -1,12 +1,12 @@
-"""What every plugin shares: one detection stream per platform connection, and alert delivery.
+"""What every plugin shares: one detection stream per platform connection.
 
-A protocol handler validates its platform's framing, then hands raw audio frames to a
-:class:`CallBridge` without awaiting anything, so a slow detector never stalls the socket
+A call (:mod:`plugins.session`) hands the raw audio frames its platform's protocol decoded to
+a :class:`CallBridge` without awaiting anything, so a slow detector never stalls the socket
 read loop of this or another call. The bridge forwards each frame to the gRPC stream as soon
-as gRPC can take it (the SDK's :class:`client.AsyncDetectionClient`), and turns the first
-alert per speaker into deliveries: the platform's own back channel (given by the handler) and
-the webhook, each in its own task so that neither can fail the call. At every normal end
-(the platform's hangup, :meth:`CallBridge.finish`) the call's summary goes to the webhook as a
+as gRPC can take it (the SDK's :class:`client.AsyncDetectionClient`), and hands the first
+alert per speaker to :mod:`plugins.delivery`: the platform's own back channel and the
+webhook, each in its own task so that neither can fail the call. At every normal end (the
+platform's hangup, :meth:`CallBridge.finish`) the call's summary goes to the webhook as a
 ``call_summary`` event: the receiver learns that a call ended clean as well as that one was
 flagged.
 
@@ -16,7 +16,7 @@ meanwhile (a gap, logged and reported in the ``call_summary``), reconnects withi
 ``reconnect_seconds`` and goes on in a new stream, with alert times in call time and one alert
 per speaker over the whole call. A detector that refuses the stream, stays away longer, or
 stops reading for ``stall_seconds`` fails the bridge: it logs the error and calls the
-handler's ``on_failure``, which closes the platform connection cleanly. Note the grpcio
+call's ``on_failure``, which closes the platform connection cleanly. Note the grpcio
 asyncio bug the SDK documents (grpc/grpc#36066): a status the server sends while we are still
 writing can surface as INTERNAL "Internal error from Core" (so INTERNAL counts as a lost
 stream, and the logged code is not always the server's own).
@@ -28,8 +28,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -37,6 +36,14 @@ import structlog
 from callshield.v1 import detection_pb2 as pb
 from client import AsyncDetectionClient
 from plugins import metrics
+from plugins.delivery import (
+    DELIVERY_SECONDS,
+    AlertSink,
+    Deliveries,
+    SpoofAlert,
+    summary_event,
+)
+from plugins.protocols.events import AudioFormat
 from plugins.webhook import WebhookSender
 
 STALL_SECONDS = 5.0  # audio the bridge buffers for a detector that stopped reading
@@ -46,90 +53,19 @@ RETRY_PAUSE_SECONDS = 0.5  # between a lost stream and the next attempt
 # a lost stream worth a new one; other codes are the detector refusing this call
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
                        grpc.StatusCode.DEADLINE_EXCEEDED})
-DELIVERY_SECONDS = 30.0  # at shutdown: pending alert deliveries (webhook retries) or give up
+ForwardObserver = Callable[[str, float], None]
 
 
-@dataclass(frozen=True)
-class AudioFormat:
-    """What the platform sends: encoding (a ``pb.AudioEncoding``), rate, and the party on each
-    interleaved channel, the caller first. Each channel is one known party (SPLIT, never
-    diarized: a single-party leg is scored as that party, named ``caller`` or ``agent``)
-    unless ``mixed``: both parties summed into one channel by the platform, which the
-    server diarizes (MIXED)."""
-
-    encoding: int
-    sample_rate: int
-    parties: tuple[str, ...] = ("caller",)
-    mixed: bool = False
-
-    @property
-    def channels(self) -> int:
-        return len(self.parties)
-
-    @property
-    def frame_bytes(self) -> int:
-        """Bytes of one sample instant across channels: audio must come in multiples."""
-        width = 2 if self.encoding == pb.AUDIO_ENCODING_LINEAR16 else 1
-        return width * self.channels
-
-    def bytes_per_second(self) -> int:
-        return self.frame_bytes * self.sample_rate
+def forward_metric(plugin: str, seconds: float) -> None:
+    """A frame's added latency, read off the platform socket -> handed to the gRPC stream."""
+    metrics.FORWARD_SECONDS.labels(plugin).observe(seconds)
 
 
-@dataclass(frozen=True)
-class SpoofAlert:
-    """One alert as platforms and webhooks receive it (no audio, no caller number)."""
-
-    plugin: str
-    call_id: str
-    speaker: str
-    spoof_probability: float
-    start_seconds: float
-    end_seconds: float
-    verdict: str = "spoof"
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["spoof_probability"] = round(self.spoof_probability, 4)
-        data["type"] = "spoof_alert"
-        return data
-
-
-def summary_event(plugin: str, call_id: str, summary: pb.StreamSummary, alerts: int,
-                  extra: dict[str, str],
-                  gaps: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """The webhook's ``call_summary`` payload: per speaker its final state, score and speech
-    seconds, in order of first speech, and the stretches of call time (seconds) no detector
-    heard (no audio, no caller number)."""
-    return {
-        "type": "call_summary", "plugin": plugin, "call_id": call_id,
-        "audio_seconds": round(summary.audio_seconds, 3),
-        "windows_scored": summary.windows_scored, "alerts": alerts, "extra": dict(extra),
-        "gaps": [[round(a, 3), round(b, 3)] for a, b in gaps or []],
-        "speakers": [{"speaker": v.speaker, "state": pb.SpeakerState.Name(v.state),
-                      "spoof_probability": round(v.spoof_probability, 4),
-                      "speech_seconds": round(v.speech_seconds, 3)}
-                     for v in summary.speakers],
-    }
-
-
-AlertSink = Callable[[SpoofAlert], Awaitable[None]]
 FailureHook = Callable[[str], Awaitable[None]]
 
 
-class ProtocolError(Exception):
-    """A platform broke its protocol: ends that one connection. ``reason`` labels the
-    metric; ``code`` is the WebSocket close code (RFC 6455) where the transport has one."""
-
-    def __init__(self, reason: str, detail: str, code: int = 1002) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.code = code
-
-
 class DetectorGone(Exception):
-    """The detection stream of this call has failed; the handler should close the call."""
+    """The detection stream of this call has failed; the call should end its connection."""
 
 
 @dataclass
@@ -143,10 +79,13 @@ class DetectorLink:
     stall_seconds: float = STALL_SECONDS
     finish_seconds: float = FINISH_SECONDS
     reconnect_seconds: float = RECONNECT_SECONDS
-    forward_latencies: list[float] | None = None  # bench: every frame's forward delay
+    observe_forward: ForwardObserver = forward_metric  # each frame's (plugin, added delay)
+    deliveries: Deliveries = field(init=False)
     _client: AsyncDetectionClient | None = None
-    _deliveries: set[asyncio.Task[None]] = field(default_factory=set)
     _streams: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.deliveries = Deliveries(self.webhook)
 
     @property
     def client(self) -> AsyncDetectionClient:
@@ -170,19 +109,11 @@ class DetectorLink:
         if self._streams:
             await asyncio.wait(set(self._streams), timeout=seconds)
 
-    def spawn_delivery(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
-
     async def drain(self, seconds: float = DELIVERY_SECONDS) -> None:
         """Wait (bounded) for open streams to end and for the alert and summary deliveries
         still in flight, then close the channel (which would cut any stream still open)."""
         await self.wait_idle(seconds)
-        if self._deliveries:
-            await asyncio.wait(set(self._deliveries), timeout=seconds)
-        for task in set(self._deliveries):
-            task.cancel()
+        await self.deliveries.drain(seconds)
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -267,7 +198,7 @@ class CallBridge:
         """Queue one frame (whole samples of all channels) for the detector; never blocks.
 
         Raises :class:`DetectorGone` once the stream has failed, or when the detector has
-        not taken ``stall_seconds`` of audio: the handler then closes the call.
+        not taken ``stall_seconds`` of audio: the call then ends its connection.
         """
         if self.failed is not None:
             raise DetectorGone(self.failed)
@@ -304,18 +235,11 @@ class CallBridge:
             # the stream was torn down after its summary arrived: the call is complete
         finally:
             self._closed()
-        webhook = self.detector.webhook
-        if self.summary is not None and webhook is not None and webhook.urls:
+        if self.summary is not None:
             event = summary_event(self.plugin, self.call_id, self.summary, len(self.alerts),
                                   self.extra, self.gaps)
-            self.detector.spawn_delivery(self._send_summary(webhook, event))
+            self.detector.deliveries.summary(self.plugin, event, self.log)
         return self.summary
-
-    async def _send_summary(self, webhook: WebhookSender, event: dict[str, Any]) -> None:
-        results = await webhook.send(event)
-        outcome = "delivered" if all(results.values()) else "failed"
-        metrics.SUMMARIES.labels(self.plugin, outcome).inc()
-        self.log.info("summary " + outcome, channel="webhook")
 
     async def abort(self, reason: str) -> None:
         """The platform connection broke (or a protocol error): drop the stream at once."""
@@ -352,17 +276,13 @@ class CallBridge:
         )
 
     async def _audio(self) -> AsyncIterator[bytes]:
-        latencies = self.detector.forward_latencies
-        histogram = metrics.FORWARD_SECONDS.labels(self.plugin)
+        observe = self.detector.observe_forward
         queue = self._queue  # this stream's: a lost stream's reader must not take later audio
         while (item := await queue.get()) is not None:
             audio, received = item
             self._buffered -= len(audio)
             self._sent += len(audio)
-            delay = time.perf_counter() - received
-            histogram.observe(delay)
-            if latencies is not None:
-                latencies.append(delay)
+            observe(self.plugin, time.perf_counter() - received)
             yield audio
 
     async def _run(self) -> None:
@@ -456,7 +376,7 @@ class CallBridge:
         metrics.DETECTOR_ERRORS.labels(self.plugin).inc()
         self.log.error("detector error", reason=reason)
         if not self._closing:
-            self.detector.spawn_delivery(self.on_failure(reason))
+            self.detector.deliveries.spawn(self.on_failure(reason))
 
     def _alert(self, alert: pb.Alert, offset: float = 0.0) -> None:
         """The first alert per speaker over the whole call, in call time (a new stream after
@@ -470,31 +390,7 @@ class CallBridge:
         self.alerts.append(spoof)
         self.log.warning("spoof alert", speaker=spoof.speaker,
                          spoof_probability=round(spoof.spoof_probability, 3))
-        if self.deliver is not None:
-            self.detector.spawn_delivery(self._deliver("platform", self.deliver, spoof))
-        webhook = self.detector.webhook
-        if webhook is not None and webhook.urls:
-            self.detector.spawn_delivery(self._deliver("webhook", _webhook(webhook), spoof))
-
-    async def _deliver(self, channel: str, sink: AlertSink, alert: SpoofAlert) -> None:
-        try:
-            await sink(alert)
-        except Exception as exc:  # a failed back channel is logged; the call goes on
-            metrics.ALERTS.labels(self.plugin, channel, "failed").inc()
-            self.log.error("alert delivery failed", channel=channel,
-                           error=f"{type(exc).__name__}: {exc}")
-        else:
-            metrics.ALERTS.labels(self.plugin, channel, "delivered").inc()
-            self.log.info("alert delivered", channel=channel, speaker=alert.speaker)
-
-
-def _webhook(sender: WebhookSender) -> AlertSink:
-    async def send(alert: SpoofAlert) -> None:
-        results = await sender.send(alert.to_dict())
-        if not all(results.values()):
-            failed = [url for url, ok in results.items() if not ok]
-            raise RuntimeError(f"not delivered to {len(failed)} of {len(results)} URLs")
-    return send
+        self.detector.deliveries.alert(spoof, self.deliver, self.log)
 
 
 def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:

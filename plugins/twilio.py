@@ -1,12 +1,8 @@
 """Twilio Media Streams: the WebSocket server a ``<Stream>`` (or ``<Start><Stream>``) connects to.
 
-Twilio sends JSON text frames: ``connected``, ``start`` (streamSid, callSid, tracks,
-customParameters, mediaFormat: audio/x-mulaw, 8000 Hz, mono), ``media`` (track inbound or
-outbound, chunk, timestamp, base64 mu-law payload), ``stop``; ``mark`` and ``dtmf`` are
-tolerated. Tracks become SPLIT parties, inbound = ``caller``, outbound = ``agent``; the two
-tracks arrive as separate messages, so they are paired up byte for byte (a track that falls
-more than ``MAX_SKEW_SECONDS`` behind is padded with mu-law silence, so one silent leg never
-stalls the other). Mu-law goes to the detector as is (MULAW).
+The messages (``start``, ``media``, ``stop``, track pairing) are
+:mod:`plugins.protocols.twilio`; this module checks the upgrade request and updates the live
+call on an alert.
 
 With an auth token (or a signing key) configured, the upgrade request must carry a valid
 ``X-Twilio-Signature``: base64 HMAC of the URL Twilio requested, under the auth token, or
@@ -25,27 +21,24 @@ Alerts go back through the REST call update (``POST {api_base}/2010-04-01/Accoun
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass
 from string import Template
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import numpy as np
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from callshield.v1 import detection_pb2 as pb
-from plugins import metrics, ws
-from plugins.core import AudioFormat, CallBridge, DetectorLink, ProtocolError, SpoofAlert
+from plugins import metrics
+from plugins.core import DetectorLink
+from plugins.delivery import SpoofAlert
+from plugins.protocols.twilio import TwilioProtocol
+from plugins.session import PlatformCall
+from plugins.transports import WebSocketTransport
 
-PLUGIN = "twilio"
-PARTY = {"inbound": "caller", "outbound": "agent"}
-MULAW_SILENCE = 0xFF
-MAX_SKEW_SECONDS = 0.2  # the most a silent or lagging track holds back the other one
+PLUGIN = TwilioProtocol.plugin
 REST_TIMEOUT_SECONDS = 10.0
 log = structlog.get_logger("callshield.plugins.twilio")
 
@@ -145,8 +138,13 @@ class TwilioMediaStreams:
                 return web.Response(status=403, text="invalid X-Twilio-Signature")
         socket = web.WebSocketResponse()
         await socket.prepare(request)
-        call = _Stream(self, socket)
-        await ws.run_call(PLUGIN, socket, call)
+        protocol = TwilioProtocol()
+
+        async def update(alert: SpoofAlert) -> None:
+            account_sid = self.settings.account_sid or protocol.account_sid
+            await self.update_call(account_sid, protocol.call_sid, alert)
+
+        await PlatformCall(self.detector, protocol, WebSocketTransport(socket), update).run()
         return socket
 
     async def update_call(self, account_sid: str, call_sid: str, alert: SpoofAlert) -> None:
@@ -165,123 +163,3 @@ class TwilioMediaStreams:
             async with http.post(url, data=form) as response:
                 if response.status >= 300:
                     raise RuntimeError(f"Twilio call update: HTTP {response.status}")
-
-
-class _Stream:
-    def __init__(self, plugin: TwilioMediaStreams, socket: web.WebSocketResponse) -> None:
-        self.plugin = plugin
-        self.socket = socket
-        self.bridge: CallBridge | None = None
-        self.tracks: tuple[str, ...] = ()
-        self.buffers: dict[str, bytearray] = {}
-        self.account_sid = ""
-        self.call_sid = ""
-        self.log = log.bind(call_id=None)
-
-    async def run(self) -> None:
-        async for msg in self.socket:
-            if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
-                break
-            data = ws.json_message(msg)
-            event = data.get("event")
-            if event == "media":
-                self._on_media(data)
-            elif event == "start":
-                self._on_start(data)
-            elif event == "stop":
-                if self.bridge is None:
-                    raise ProtocolError("sequence", "stop before start")
-                self.log.info("stop")
-                await self._end()
-                await ws.close(self.socket, ws.NORMAL)
-                return
-            elif event not in ("connected", "mark", "dtmf"):  # dtmf digits are never logged
-                raise ProtocolError("unknown_type", f"unknown event {str(event)[:40]!r}")
-        if self.bridge is not None and self.bridge.failed is None:
-            # Twilio ends with `stop`, but a socket closed without it still ends the call:
-            # everything received is scored and summarized, nothing is thrown away.
-            code = self.socket.close_code
-            if code in (ws.NORMAL, 1001):
-                self.log.info("socket closed without stop: call ended", close_code=code)
-            else:
-                metrics.PROTOCOL_ERRORS.labels(PLUGIN, "disconnect").inc()
-                self.log.warning("connection lost before stop: call ended", close_code=code)
-            await self._end()
-
-    async def _end(self) -> None:
-        """The call is over: forward what is buffered (the lagging track padded) and finish."""
-        assert self.bridge is not None
-        self._forward(flush=True)
-        await self.bridge.finish()
-
-    def _on_start(self, data: dict[str, Any]) -> None:
-        if self.bridge is not None:
-            raise ProtocolError("sequence", "a second start message")
-        start = data.get("start")
-        if not isinstance(start, dict):
-            raise ProtocolError("malformed", "start message without start object",
-                                     ws.INVALID_PAYLOAD)
-        fmt = start.get("mediaFormat") or {}
-        if not isinstance(fmt, dict) or (
-                fmt.get("encoding"), fmt.get("sampleRate"), fmt.get("channels", 1)) != (
-                "audio/x-mulaw", 8000, 1):
-            raise ProtocolError("format", f"unsupported mediaFormat {fmt}",
-                                     ws.UNSUPPORTED_DATA)
-        tracks = tuple(t for t in ("inbound", "outbound") if t in (start.get("tracks") or []))
-        if not tracks:
-            raise ProtocolError("format", "start names no inbound/outbound track",
-                                     ws.INVALID_PAYLOAD)
-        self.call_sid = str(start.get("callSid", ""))
-        self.account_sid = self.plugin.settings.account_sid or str(start.get("accountSid", ""))
-        self.tracks = tracks
-        self.buffers = {t: bytearray() for t in tracks}
-        self.log = log.bind(call_id=self.call_sid, stream_sid=str(start.get("streamSid", "")))
-        self.bridge = self.plugin.detector.open_call(
-            PLUGIN, self.call_sid or str(data.get("streamSid", "")),
-            AudioFormat(pb.AUDIO_ENCODING_MULAW, 8000, tuple(PARTY[t] for t in tracks)),
-            deliver=self._deliver, on_failure=self._on_failure)
-
-    def _on_media(self, data: dict[str, Any]) -> None:
-        if self.bridge is None:
-            raise ProtocolError("sequence", "media before start")
-        media = data.get("media")
-        if not isinstance(media, dict) or media.get("track") not in self.buffers:
-            raise ProtocolError("malformed", "media without a started track",
-                                     ws.INVALID_PAYLOAD)
-        try:
-            audio = base64.b64decode(media.get("payload", ""), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ProtocolError("malformed", "payload is not base64",
-                                     ws.INVALID_PAYLOAD) from exc
-        self.buffers[media["track"]] += audio
-        self._forward()
-
-    def _forward(self, flush: bool = False) -> None:
-        """Feed whatever is paired up; pad a track lagging by more than MAX_SKEW_SECONDS
-        (at the end of the call, by any amount)."""
-        assert self.bridge is not None
-        if len(self.tracks) == 1:
-            buf = self.buffers[self.tracks[0]]
-            if buf:
-                self.bridge.feed(bytes(buf))
-                buf.clear()
-            return
-        a, b = (self.buffers[t] for t in self.tracks)
-        skew = 0 if flush else int(MAX_SKEW_SECONDS * 8000)
-        for lead, lag in ((a, b), (b, a)):
-            if len(lead) - len(lag) > skew:
-                lag.extend(bytes([MULAW_SILENCE]) * (len(lead) - len(lag) - skew))
-        n = min(len(a), len(b))
-        if n == 0:
-            return
-        out = np.empty(2 * n, np.uint8)
-        out[0::2] = np.frombuffer(bytes(a[:n]), np.uint8)
-        out[1::2] = np.frombuffer(bytes(b[:n]), np.uint8)
-        del a[:n], b[:n]
-        self.bridge.feed(out.tobytes())
-
-    async def _deliver(self, alert: SpoofAlert) -> None:
-        await self.plugin.update_call(self.account_sid, self.call_sid, alert)
-
-    async def _on_failure(self, reason: str) -> None:
-        await ws.close(self.socket, ws.INTERNAL_ERROR, "detector unavailable")
