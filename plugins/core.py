@@ -134,7 +134,8 @@ class _Segment:
 
 def merge_segments(call_id: str, segments: list[_Segment]) -> pb.StreamSummary | None:
     """One summary over a call's streams: a speaker flagged in any stream stays flagged,
-    speech adds up, the last stream's score stands. None unless the last stream finished."""
+    speech adds up (its time ranges shifted to call time), the last stream's score stands.
+    None unless the last stream finished."""
     if not segments or segments[-1].summary is None:
         return None
     if len(segments) == 1:
@@ -148,6 +149,9 @@ def merge_segments(call_id: str, segments: list[_Segment]) -> pb.StreamSummary |
             if flagged:
                 m.state = pb.SPEAKER_STATE_SPOOF_SUSPECTED
             m.speech_seconds += v.speech_seconds
+            m.speech.extend(pb.TimeRange(start_seconds=segment.offset + r.start_seconds,
+                                         end_seconds=segment.offset + r.end_seconds)
+                            for r in v.speech)
     last = segments[-1]
     assert last.summary is not None
     return pb.StreamSummary(

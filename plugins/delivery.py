@@ -47,9 +47,9 @@ class SpoofAlert:
 def summary_event(plugin: str, call_id: str, summary: pb.StreamSummary, alerts: int,
                   extra: dict[str, str],
                   gaps: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """The webhook's ``call_summary`` payload: per speaker its final state, score and speech
-    seconds, in order of first speech, and the stretches of call time (seconds) no detector
-    heard (no audio, no caller number)."""
+    """The webhook's ``call_summary`` payload: per speaker its final state, score, speech
+    seconds and the call-time ranges it spoke in, in order of first speech, and the stretches
+    of call time (seconds) no detector heard (no audio, no caller number)."""
     return {
         "type": "call_summary", "plugin": plugin, "call_id": call_id,
         "audio_seconds": round(summary.audio_seconds, 3),
@@ -57,7 +57,9 @@ def summary_event(plugin: str, call_id: str, summary: pb.StreamSummary, alerts: 
         "gaps": [[round(a, 3), round(b, 3)] for a, b in gaps or []],
         "speakers": [{"speaker": v.speaker, "state": pb.SpeakerState.Name(v.state),
                       "spoof_probability": round(v.spoof_probability, 4),
-                      "speech_seconds": round(v.speech_seconds, 3)}
+                      "speech_seconds": round(v.speech_seconds, 3),
+                      "speech": [[round(r.start_seconds, 2), round(r.end_seconds, 2)]
+                                 for r in v.speech]}
                      for v in summary.speakers],
     }
 

@@ -120,6 +120,10 @@ async def test_spoofed_caller_alerts_through_every_back_channel(
         states = {s["speaker"]: s["state"] for s in summary["speakers"]}
         assert states["caller"] == "SPEAKER_STATE_SPOOF_SUSPECTED", summary
         assert summary["alerts"] == 1
+        # when the caller spoke, in call time, for the agent's UI
+        (caller,) = [s for s in summary["speakers"] if s["speaker"] == "caller"]
+        assert caller["speech"] and all(
+            0 <= a < b <= summary["audio_seconds"] + 0.05 for a, b in caller["speech"])
 
 
 async def test_bonafide_call_alerts_nowhere(shipped_server: RunningServer) -> None:

@@ -207,6 +207,9 @@ async def test_detection_resumes_after_a_detector_restart_mid_call(detector: Any
     ((start, end),) = summary["gaps"]
     assert 2.0 <= start < end <= 16.0 and end - start == pytest.approx(
         resumed["gap_seconds"], abs=0.01)
+    # speech ranges of the second stream are shifted to call time: after the gap
+    speech = [r for s in summary["speakers"] for r in s["speech"]]
+    assert any(a >= end - 0.05 for a, _ in speech) and max(b for _, b in speech) <= 16.05
 
 
 @pytest.fixture(autouse=True)
