@@ -132,6 +132,9 @@ def dev_stream_turns(diarization_models: Any) -> dict[str, Any]:
             for call in shared_calls(require(CALLS))}
 
 
+# The first test to use the session fixture pays for streaming all 10 calls (about 1 min on an
+# idle 2-core machine, several on a loaded one) besides its own offline runs.
+@pytest.mark.timeout(1800)
 def test_dev_calls_der_near_the_measured_values(
     offline_pipeline: Any, dev_stream_turns: dict[str, Any]
 ) -> None:
@@ -220,6 +223,7 @@ DEV_SPOOF_CALLS_FLAGGED = 5 - 1
 DEV_CALLS_BONAFIDE_FLAGGED = 1 + 1
 
 
+@pytest.mark.timeout(1800)
 async def test_dev_calls_verdicts_near_the_measured_values(
     diarizing_server: RunningServer, dev_stream_turns: dict[str, Any]
 ) -> None:

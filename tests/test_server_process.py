@@ -72,7 +72,7 @@ async def test_fast_client_is_slowed_not_dropped(detector: Detector) -> None:
             await asyncio.sleep(0.5)  # time for a server that ignores the limit to read on
             (session,) = running.servicer.sessions.values()
             assert isinstance(session, Session)
-            read = session.windowers["A"].total / 8000
+            read = session.lanes.lane("A").windower.total / 8000
             assert 2 <= read < 20  # stopped reading near two windows in flight
             queue.gate.set()
             responses = [r async for r in call]
