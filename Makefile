@@ -81,7 +81,7 @@ train-baselines: install ## train LFCC+GMM and AASIST-L on the same data, for co
 bench-models: install ## model EER and CPU throughput -> bench/results/models.{json,md}
 	$(PY) -m bench.models
 
-bench: install bench-models ## service latency and capacity -> bench/results/service.{json,md}
+bench: install bench-models ## service capacity, shipped defaults (MIXED+SPLIT x 2 connection patterns) -> bench/results/service.{json,md}
 	$(PY) -m bench.service
 
 bench-diarization: install ## DER, streaming RTF, per-speaker alerts -> bench/results/diarization.{json,md}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -39,8 +40,9 @@ class AsyncDetectionClient:
     def __init__(
         self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
         root_certificates: str | Path | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.connection = Connection(target, token, tls, root_certificates)
+        self.connection = Connection(target, token, tls, root_certificates, channel_options)
         credentials = self.connection.credentials()
         options = self.connection.options
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials

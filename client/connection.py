@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -19,6 +21,10 @@ class Connection:
     token: str | None = None
     tls: bool = False
     root_certificates: str | Path | None = None  # PEM file; None: the system roots
+    # More gRPC channel arguments, after ours (a later one wins), e.g.
+    # ("grpc.use_local_subchannel_pool", 1) for a TCP connection of this client's own: gRPC
+    # otherwise lets channels with equal arguments in one process share one connection
+    channel_options: Sequence[tuple[str, Any]] = ()
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -30,8 +36,9 @@ class Connection:
         return grpc.ssl_channel_credentials(root_certificates=roots)
 
     @property
-    def options(self) -> list[tuple[str, int]]:
+    def options(self) -> list[tuple[str, Any]]:
         return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.initial_reconnect_backoff_ms", 1000),
-                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+                *self.channel_options]

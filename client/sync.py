@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -31,8 +32,9 @@ class DetectionClient:
     def __init__(
         self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
         root_certificates: str | Path | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.connection = Connection(target, token, tls, root_certificates)
+        self.connection = Connection(target, token, tls, root_certificates, channel_options)
         credentials = self.connection.credentials()
         options = self.connection.options
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
