@@ -6,7 +6,7 @@ own code (``server.lanes``: the windows, speech gate and call times a live strea
 
 * ``oracle``: the reference turns (the call's RTTM): what the verdicts would be with perfect
   diarization, so a miss here is the model's (or the rule's);
-* ``stream``: the streaming diarizer as the server runs it live (0.1 s chunks, 0.5 s steps);
+* ``stream``: the streaming diarizer as the server runs it live (0.1 s chunks, 1 s steps);
 * ``offline``: the offline pipeline as ``Detect`` runs it.
 
 Every scored window gets its spoof probability from the model once; the verdict rules of
@@ -125,7 +125,7 @@ def run_call(call: Call, detector: Any, models: Any, pipeline: Any) -> dict[str,
     out["oracle"] = {"turns": oracle,
                      "windows": lane_windows(TurnsAttributor(oracle, RATE), audio,
                                              detector.window_seconds)}
-    diarizer = StreamingDiarizer(models, RATE, StreamConfig(step_seconds=0.5))
+    diarizer = StreamingDiarizer(models, RATE, StreamConfig())
     live = DiarizingAttributor(diarizer, record=True)
     windows = lane_windows(live, audio, detector.window_seconds)
     labels = np.concatenate(live.labels) if live.labels else np.zeros(0, int)
@@ -252,6 +252,8 @@ def _flag(o: dict[str, Any]) -> str:
 
 
 def markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    from diarization.stream import StreamConfig
+
     d, rtf = summary["der"], summary["rtf_mean"]
     n = len(rows)
     lines = [
@@ -263,7 +265,8 @@ def markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"| offline (Detect) | {d['offline']['collar_0']:.1%} | "
         f"{d['offline']['collar_0.25']:.1%} | {summary['speaker_count_right']['offline']}/{n} "
         f"| {rtf['offline']:.3f} |",
-        f"| streaming (0.5 s step, 5 s buffer) | {d['stream']['collar_0']:.1%} | "
+        f"| streaming ({StreamConfig().step_seconds:g} s step, 5 s buffer) | "
+        f"{d['stream']['collar_0']:.1%} | "
         f"{d['stream']['collar_0.25']:.1%} | {summary['speaker_count_right']['stream']}/{n} | "
         f"{rtf['stream']:.3f} |", "",
         "Verdicts per run (turns from the reference, the streaming diarizer or the offline "

@@ -121,7 +121,7 @@ class ServerConfig:
     diarization: str = "off"
     diarization_segmentation: str = ""  # segmentation .ckpt; "" = diarization/checkpoints
     diarization_pipeline: str = ""  # official pyannote pipeline directory for Detect
-    diarization_step: float = 0.5  # seconds between two streaming diarization steps
+    diarization_step: float = 1.0  # seconds between two streaming diarization steps
     verdict_rule: str = DEFAULT_RULE  # server.verdicts: "evidence" (CUSUM) or "ema" (earlier)
 
     @property

@@ -118,7 +118,7 @@ class Diarization:
 
     models: Any  # diarization.stream.DiarizationModels
     model_rate: int
-    step_seconds: float = 0.5
+    step_seconds: float = 1.0
     pipeline_source: str = ""  # official pipeline directory for Detect; "" = project's
     _pipeline: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
