@@ -199,12 +199,17 @@ def test_static_off_round_trip_and_old_checkpoints(tmp_path: Path) -> None:
         LFCCGMM.from_state_dict(old)
 
 
-def test_shipped_checkpoint_still_loads() -> None:
+def test_shipped_checkpoint_is_the_delta_only_recipe() -> None:
+    """``--model lfcc-gmm`` is version 2: no statics, quiet frames dropped, calibrated on
+    its leave-one-system-out scores (its card says so)."""
     from models.inference import NAMED_MODELS, load_detector
 
     detector = load_detector("lfcc-gmm")
     assert NAMED_MODELS["lfcc-gmm"].is_file()
-    assert detector.model.config.static and detector.model.config.feature_dim == 60
+    config = detector.model.config
+    assert not config.static and config.vad_db == 30.0 and config.feature_dim == 40
+    assert (detector.name, detector.version) == ("lfcc-gmm", "2")
+    assert "calibration_source" in detector.card and set(detector.card["loso"]["per_engine_eer"])
     score = detector.scores([_harmonic(np.random.default_rng(4), seconds=1.0)])
     assert score.shape == (1,) and np.isfinite(score).all()
 
@@ -229,10 +234,11 @@ def test_delta_only_recipe_config() -> None:
 
     config = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm_dd.yaml")
     gmm = LFCCGMMConfig(**config.model)
-    assert gmm.static is False and gmm.feature_dim == 40
-    shipped = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
-    assert LFCCGMMConfig(**shipped.model).static  # the shipped recipe keeps its statics
-    assert not str(config.output).startswith("models/checkpoints")
+    assert gmm.static is False and gmm.vad_db == 30.0 and gmm.feature_dim == 40
+    assert config.output == "models/checkpoints/lfcc_gmm.pt"  # the shipped recipe
+    classic = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
+    assert LFCCGMMConfig(**classic.model).static  # the reference recipe keeps its statics
+    assert not str(classic.output).startswith("models/checkpoints")
     from bench.generalization import GMM_DD  # the LOSO recipe measures this very config
 
     assert {k: config.model[k] for k in GMM_DD} == GMM_DD

@@ -20,11 +20,11 @@ Departures from the baseline, and why:
   cepstra, which the deltas cancel; without the statics the GMMs cannot key on the
   recording conditions of the training speakers. Leave-one-system-out on the dev part
   (``bench/results/gmm-exploration.md``), 32 components: 19.7-20.1 % pooled EER over seeds
-  0-2 against 24.3-26.0 % with the statics (23.3 % for the shipped 128-component recipe),
+  0-2 against 24.3-26.0 % with the statics (23.3 % for the 128-component classic recipe),
   and half the bona fide digit false alarms at a matched spoof miss rate. Without statics
   more components fit worse to unseen engines (128: 21.5 %), hence
-  ``models/configs/lfcc_gmm_dd.yaml`` uses 32. Off by default so the shipped checkpoint
-  keeps its recipe; a checkpoint without the key loads with statics.
+  ``models/configs/lfcc_gmm_dd.yaml`` (the shipped ``lfcc_gmm.pt``, version 2) uses 32.
+  The class default stays on, so a checkpoint without the key (version 1) loads with statics.
 - ``vad_db > 0`` drops the frames whose energy is more than ``vad_db`` dB below the
   utterance's loudest frame, in training and scoring alike (0: keep every frame). Pauses
   and line noise carry no trace of the engine, but their frames vote in the average
