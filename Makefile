@@ -56,11 +56,11 @@ train: install ## train the default model (resumable; runs/rawnet2-tel) and writ
 train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on LOSO scores (after loso-folds)
 	$(PY) -m models train models/configs/rawnet2_tel_voc.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/rawnet2_voc.pt --recipe rawnet2-voc --prior 0.8
-	$(PY) -m bench.generalization report --mode full --recipes lfcc-gmm --fuse
-	$(PY) -m bench.generalization fuse-model --mode full --out models/checkpoints/fusion.pt \
-		--part models/checkpoints/rawnet2_voc.pt=rawnet2-voc --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm \
-		--name callshield-fusion --version 2
-	$(PY) -m bench.generalization ship models/checkpoints/fusion.pt --recipe rawnet2-voc+lfcc-gmm --mode full
+	$(PY) -m bench.generalization fuse-model --out models/checkpoints/fusion.pt \
+		--part models/checkpoints/rawnet2_voc.pt=rawnet2-voc --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
+		--name callshield-fusion --version 3
+	$(PY) -m bench.generalization ship models/checkpoints/fusion.pt --recipe rawnet2-voc+lfcc-gmm-dd \
+		--fold-scale "RawNet2 part: 6 epochs on 1600 corpus trials per fold; LFCC+GMM part: 32 components refitted per fold"
 	$(PY) -m models card --model fusion > models/checkpoints/FUSION_CARD.md
 	$(PY) -m models card --model rawnet2-voc > models/checkpoints/RAWNET2_VOC_CARD.md
 
@@ -74,8 +74,11 @@ bench-generalization: install ## LOSO EER per recipe (reduced, < 20 min) -> benc
 train-gpu: ## on a CUDA machine: vocode, LOSO folds and the default model in one run ($$OUT)
 	bash scripts/train-gpu.sh
 
-train-baselines: install ## train LFCC+GMM and AASIST-L on the same data, for comparison
-	$(PY) -m models train models/configs/lfcc_gmm.yaml
+train-baselines: install ## train LFCC+GMM (calibrated on its LOSO scores) and AASIST-L on the same data
+	$(PY) -m models train models/configs/lfcc_gmm_dd.yaml
+	$(PY) -m bench.generalization ship models/checkpoints/lfcc_gmm.pt --recipe lfcc-gmm-dd \
+		--fold-scale "32 components, 20000 frames per class, refitted per fold"
+	$(PY) -m models card --model lfcc-gmm > models/checkpoints/LFCC_GMM_CARD.md
 	$(PY) -m models train models/configs/aasist_l_tel.yaml
 
 bench-models: install ## model EER and CPU throughput -> bench/results/models.{json,md}

@@ -43,7 +43,9 @@ def render_card(detector: Detector) -> str:
                   else f"best on dev: epoch {card['best_epoch']}")
         lines.append(f"- epochs trained: {card['epochs_trained']}{stopped}, {chosen}")
     if "training_seconds" in card:
-        lines.append(f"- training time: {card['training_seconds'] / 60:.1f} min")
+        seconds = card["training_seconds"]
+        lines.append(f"- training time: {seconds / 60:.1f} min" if seconds >= 120
+                     else f"- training time: {seconds:.0f} s")
     if "machine" in card:
         m = card["machine"]
         lines.append(f"- machine: {m['cpu_count']} CPU cores ({m['processor']}), "

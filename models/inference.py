@@ -35,6 +35,7 @@ NAMED_MODELS = {
     # not the default: see the README, "Unseen engines".
     "fusion": CHECKPOINT_DIR / "fusion.pt",
     "rawnet2-voc": CHECKPOINT_DIR / "rawnet2_voc.pt",  # its RawNet2 part (RAWNET2_VOC_CARD.md)
+    # LFCC+GMM v2: deltas only, quiet frames dropped, calibrated on LOSO (LFCC_GMM_CARD.md).
     "lfcc-gmm": CHECKPOINT_DIR / "lfcc_gmm.pt",
     "aasist-l": CHECKPOINT_DIR / "aasist_l.pt",
 }

@@ -73,6 +73,47 @@ def test_static_off_keeps_only_the_deltas() -> None:
     assert np.abs(lfcc(4 * wave, LFCCGMMConfig())[:, 0] - full[:, 0]).min() > 0.5
 
 
+def test_vad_drops_quiet_frames_only() -> None:
+    """Half a second of speech-like sound, then half a second 40 dB down: a 30 dB gate keeps
+    the loud half with its deltas as they were (taken before the drop), at any gain."""
+    rng = np.random.default_rng(5)
+    loud = _harmonic(rng, seconds=0.5)
+    wave = np.concatenate((loud, 0.01 * _harmonic(rng, seconds=0.5)))
+    plain_cfg = LFCCGMMConfig(static=False)
+    gated_cfg = LFCCGMMConfig(static=False, vad_db=30.0)
+    plain, gated = lfcc(wave, plain_cfg), lfcc(wave, gated_cfg)
+    assert plain.shape == (99, 40)
+    loud_frames = 1 + (loud.size - 160) // 80  # frames wholly inside the loud half
+    assert loud_frames <= gated.shape[0] < loud_frames + 3
+    np.testing.assert_array_equal(gated, plain[: gated.shape[0]])
+    np.testing.assert_allclose(lfcc(0.25 * wave, gated_cfg), gated, atol=1e-6)  # same frames
+    # Silence still gives a frame; an even signal keeps every frame.
+    assert lfcc(np.zeros(4000, dtype=np.float32), gated_cfg).shape[0] >= 1
+    noise = _noise(rng, seconds=1.0)
+    assert lfcc(noise, gated_cfg).shape == lfcc(noise, plain_cfg).shape
+    with pytest.raises(ValueError, match="vad_db must be >= 0"):
+        LFCCGMMConfig(vad_db=-1.0)
+
+
+def test_vad_round_trip_and_old_checkpoints(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    cfg = LFCCGMMConfig(n_components=4, max_iter=500, max_frames_per_class=2000,
+                        static=False, vad_db=30.0)
+    quiet_tail = [np.concatenate((_harmonic(rng), 1e-3 * _noise(rng))) for _ in range(6)]
+    model = LFCCGMM(cfg).fit(quiet_tail, [_noise(rng) for _ in range(6)])
+    state = model.state_dict()
+    assert state["config.vad_db"] == 30.0
+    torch.save(state, tmp_path / "vad.pt")
+    restored = LFCCGMM.from_state_dict(torch.load(tmp_path / "vad.pt", weights_only=True))
+    assert restored.config == cfg
+    probe = [quiet_tail[0], _noise(rng)]
+    np.testing.assert_array_equal(restored.score(probe), model.score(probe))
+    # Written before the option existed: no config.vad_db, every frame kept.
+    old = LFCCGMM.from_state_dict({k: v for k, v in state.items() if k != "config.vad_db"})
+    assert old.config.vad_db == 0.0
+    assert not np.array_equal(old.score(probe[:1]), model.score(probe[:1]))
+
+
 def test_deltas_of_a_linear_ramp() -> None:
     slope = np.array([0.5, -2.0, 3.0])
     x = np.arange(10)[:, None] * slope + np.array([1.0, 0.0, -4.0])
@@ -158,12 +199,17 @@ def test_static_off_round_trip_and_old_checkpoints(tmp_path: Path) -> None:
         LFCCGMM.from_state_dict(old)
 
 
-def test_shipped_checkpoint_still_loads() -> None:
+def test_shipped_checkpoint_is_the_delta_only_recipe() -> None:
+    """``--model lfcc-gmm`` is version 2: no statics, quiet frames dropped, calibrated on
+    its leave-one-system-out scores (its card says so)."""
     from models.inference import NAMED_MODELS, load_detector
 
     detector = load_detector("lfcc-gmm")
     assert NAMED_MODELS["lfcc-gmm"].is_file()
-    assert detector.model.config.static and detector.model.config.feature_dim == 60
+    config = detector.model.config
+    assert not config.static and config.vad_db == 30.0 and config.feature_dim == 40
+    assert (detector.name, detector.version) == ("lfcc-gmm", "2")
+    assert "calibration_source" in detector.card and set(detector.card["loso"]["per_engine_eer"])
     score = detector.scores([_harmonic(np.random.default_rng(4), seconds=1.0)])
     assert score.shape == (1,) and np.isfinite(score).all()
 
@@ -188,10 +234,11 @@ def test_delta_only_recipe_config() -> None:
 
     config = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm_dd.yaml")
     gmm = LFCCGMMConfig(**config.model)
-    assert gmm.static is False and gmm.feature_dim == 40
-    shipped = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
-    assert LFCCGMMConfig(**shipped.model).static  # the shipped recipe keeps its statics
-    assert not str(config.output).startswith("models/checkpoints")
+    assert gmm.static is False and gmm.vad_db == 30.0 and gmm.feature_dim == 40
+    assert config.output == "models/checkpoints/lfcc_gmm.pt"  # the shipped recipe
+    classic = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
+    assert LFCCGMMConfig(**classic.model).static  # the reference recipe keeps its statics
+    assert not str(classic.output).startswith("models/checkpoints")
     from bench.generalization import GMM_DD  # the LOSO recipe measures this very config
 
     assert {k: config.model[k] for k in GMM_DD} == GMM_DD
