@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.architectures.scorer import LogitsScorer
 from models.architectures.sinc import SincFilterBank
 
 __all__ = [
@@ -459,3 +460,25 @@ class AASIST(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Waveform ``(B, T)`` -> logits ``(B, 2)``, ``[spoof, bona fide]``."""
         return self.forward_features(x)[1]
+
+
+class AASISTScorer(LogitsScorer):
+    """AASIST and AASIST-L checkpoints, official ones included (scored by their logits)."""
+
+    architecture = "aasist"
+
+    @classmethod
+    def build(cls, model_config: dict[str, Any]) -> AASIST:
+        return AASIST(AASISTConfig(**model_config))
+
+    @classmethod
+    def from_official(cls, state: dict[str, Any], device: torch.device,
+                      dtype: torch.dtype) -> AASISTScorer | None:
+        if "pos_S" not in state:
+            return None
+        # both variants open with 32 channels; their graph widths differ (64 and 24)
+        width = state["pool_S.proj.weight"].shape[1]
+        full = AASISTConfig.aasist()
+        model = AASIST(full if width == full.gat_dims[0] else AASISTConfig.aasist_l())
+        model.load_state_dict(state, strict=True)
+        return cls(model, device, dtype)
