@@ -145,6 +145,14 @@ def _pairwise_products(x: Tensor) -> Tensor:
     return x.unsqueeze(2) * x.unsqueeze(1)
 
 
+def _add_output_norm(layer: nn.Module, out_dim: int, temperature: float) -> None:
+    """The tail both graph attention layers register last (official state_dict order): the
+    BatchNorm of their output, the dropout of their input, and the attention temperature."""
+    layer.bn = nn.BatchNorm1d(out_dim)
+    layer.input_drop = nn.Dropout(p=0.2)
+    layer.temperature = temperature
+
+
 class GraphAttentionLayer(nn.Module):
     """Homogeneous graph attention (the GAT-S / GAT-T layers of the paper).
 
@@ -160,9 +168,7 @@ class GraphAttentionLayer(nn.Module):
         self.att_proj = nn.Linear(in_dim, out_dim)
         self.proj_with_att = nn.Linear(in_dim, out_dim)
         self.proj_without_att = nn.Linear(in_dim, out_dim)
-        self.bn = nn.BatchNorm1d(out_dim)
-        self.input_drop = nn.Dropout(p=0.2)
-        self.temperature = temperature
+        _add_output_norm(self, out_dim, temperature)
 
     def attention(self, x: Tensor) -> Tensor:
         """``(B, N, D) -> (B, N, N)`` row-stochastic attention matrix: row ``i`` holds the
@@ -202,9 +208,7 @@ class HtrgGraphAttentionLayer(nn.Module):
         self.proj_without_att = nn.Linear(in_dim, out_dim)
         self.proj_with_attM = nn.Linear(in_dim, out_dim)
         self.proj_without_attM = nn.Linear(in_dim, out_dim)
-        self.bn = nn.BatchNorm1d(out_dim)
-        self.input_drop = nn.Dropout(p=0.2)
-        self.temperature = temperature
+        _add_output_norm(self, out_dim, temperature)
 
     def attention(self, x: Tensor, n1: int) -> Tensor:
         """``(B, N1 + N2, D) -> (B, N, N)`` attention with per-block attention vectors.
