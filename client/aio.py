@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from callshield.v1 import detection_pb2 as pb
-from callshield.v1 import detection_pb2_grpc as pb_grpc
-from client.audio import CHUNK_SECONDS, read_audio
-from client.connection import Connection
+from client.audio import CHUNK_SECONDS, file_stream
+from client.connection import BaseClient
 
 
-class AsyncDetectionClient:
+class AsyncDetectionClient(BaseClient):
     """asyncio access to a callshield server; one client serves many concurrent calls.
 
     Example::
@@ -37,17 +35,8 @@ class AsyncDetectionClient:
     asyncio bug (grpc/grpc#36066); :class:`client.DetectionClient` reports it faithfully.
     """
 
-    def __init__(
-        self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-        root_certificates: str | Path | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.connection = Connection(target, token, tls, root_certificates, channel_options)
-        credentials = self.connection.credentials()
-        options = self.connection.options
-        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
-                         else grpc.aio.insecure_channel(target, options))
-        self._stub = pb_grpc.DetectionServiceStub(self._channel)
+    def _open_channel(self) -> grpc.aio.Channel:
+        return self.connection.aio_channel()
 
     async def __aenter__(self) -> AsyncDetectionClient:
         return self
@@ -103,9 +92,8 @@ class AsyncDetectionClient:
         chunk_seconds: float = CHUNK_SECONDS,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
         """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``."""
-        audio = read_audio(path)
-        config = audio.config(split=split, call_id=call_id, alert_threshold=alert_threshold)
-        chunks = audio.chunks(chunk_seconds)
+        config, chunks = file_stream(path, split=split, call_id=call_id,
+                                     alert_threshold=alert_threshold, chunk_seconds=chunk_seconds)
         source = _paced(chunks, chunk_seconds) if realtime else chunks
         async for response in self.stream(config, source):
             yield response

@@ -52,3 +52,13 @@ def read_audio(path: str | Path) -> AudioFile:
     """Read a WAV or FLAC file as 16-bit PCM, keeping its rate and channels."""
     pcm, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
     return AudioFile(pcm, int(rate))
+
+
+def file_stream(
+    path: str | Path, *, split: bool, call_id: str | None, alert_threshold: float,
+    chunk_seconds: float,
+) -> tuple[pb.StreamConfig, Iterator[bytes]]:
+    """What both clients' ``stream_file`` sends for ``path``: its config and its chunks."""
+    audio = read_audio(path)
+    config = audio.config(split=split, call_id=call_id, alert_threshold=alert_threshold)
+    return config, audio.chunks(chunk_seconds)

@@ -1,4 +1,4 @@
-"""Channel options shared by the sync and asyncio clients."""
+"""The connection and channel setup shared by the sync and asyncio clients."""
 
 from __future__ import annotations
 
@@ -9,10 +9,29 @@ from typing import Any
 
 import grpc
 
+from callshield.v1.detection_pb2_grpc import DetectionServiceStub
+
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect sends whole recordings
 # gRPC's default reconnect backoff grows to 120 s: a detector restarted after a minute would
 # stay unreachable to a long-lived client (a telephony plugin) for up to two more minutes.
 MAX_RECONNECT_BACKOFF_MS = 2000
+
+
+class BaseClient:
+    """What the sync and asyncio clients share (httpx's ``BaseClient``): the connection, its
+    channel, of the subclass's kind, and the service stub over it."""
+
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
+        root_certificates: str | Path | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.connection = Connection(target, token, tls, root_certificates, channel_options)
+        self._channel = self._open_channel()
+        self._stub = DetectionServiceStub(self._channel)
+
+    def _open_channel(self) -> Any:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -42,3 +61,17 @@ class Connection:
                 ("grpc.initial_reconnect_backoff_ms", 1000),
                 ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
                 *self.channel_options]
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to :attr:`target`, TLS when asked."""
+        credentials = self.credentials()
+        if credentials is None:
+            return grpc.insecure_channel(self.target, self.options)
+        return grpc.secure_channel(self.target, credentials, self.options)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """The asyncio twin of :meth:`channel`."""
+        credentials = self.credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.target, self.options)
+        return grpc.aio.secure_channel(self.target, credentials, self.options)

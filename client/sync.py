@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from callshield.v1 import detection_pb2 as pb
-from callshield.v1 import detection_pb2_grpc as pb_grpc
-from client.audio import CHUNK_SECONDS, read_audio
-from client.connection import Connection
+from client.audio import CHUNK_SECONDS, file_stream
+from client.connection import BaseClient
 
 
-class DetectionClient:
+class DetectionClient(BaseClient):
     """Blocking access to a callshield server.
 
     Example::
@@ -29,17 +27,8 @@ class DetectionClient:
                         print(v.speaker, verdict_name(v.state), v.spoof_probability)
     """
 
-    def __init__(
-        self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-        root_certificates: str | Path | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.connection = Connection(target, token, tls, root_certificates, channel_options)
-        credentials = self.connection.credentials()
-        options = self.connection.options
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
-                         else grpc.insecure_channel(target, options))
-        self._stub = pb_grpc.DetectionServiceStub(self._channel)
+    def _open_channel(self) -> grpc.Channel:
+        return self.connection.channel()
 
     def __enter__(self) -> DetectionClient:
         return self
@@ -76,9 +65,8 @@ class DetectionClient:
         chunk_seconds: float = CHUNK_SECONDS,
     ) -> Iterator[pb.StreamDetectResponse]:
         """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``."""
-        audio = read_audio(path)
-        config = audio.config(split=split, call_id=call_id, alert_threshold=alert_threshold)
-        chunks = audio.chunks(chunk_seconds)
+        config, chunks = file_stream(path, split=split, call_id=call_id,
+                                     alert_threshold=alert_threshold, chunk_seconds=chunk_seconds)
         return self.stream(config, paced(chunks, chunk_seconds) if realtime else chunks)
 
     def detect(self, audio: bytes, config: pb.StreamConfig | None = None,

@@ -23,6 +23,7 @@ class UsageError(Exception):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from models.architectures.scorer import scorer_class
     from models.tasks.config import TrainConfig
 
     config = TrainConfig.load(args.config)
@@ -35,17 +36,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.device is not None:
         config.optim.device = args.device
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    if config.architecture == "lfcc_gmm":
-        from models.tasks.gmm import train_lfcc_gmm
-
-        result = train_lfcc_gmm(config, run_dir)
-        print(json.dumps(result, indent=2))
-        return 0
-    from models.tasks.antispoofing import train
-
-    result = train(config, run_dir, progress=not args.quiet, export_only=args.export_only)
-    print(f"best epoch {result.best_epoch + 1}: dev EER {100 * result.best_dev_eer:.2f}%")
-    print(f"checkpoint: {result.checkpoint}")
+    scorer = scorer_class(config.architecture)
+    print(scorer.train(config, run_dir, progress=not args.quiet, export_only=args.export_only))
     return 0
 
 

@@ -7,9 +7,12 @@ A callshield checkpoint is a ``torch.save``d dict (loadable with ``weights_only=
 
     {"format": "callshield/1", "architecture": "rawnet2" | "aasist" | "lfcc_gmm" |
      "whisper_lr" | "fusion",
+     "scorer": "models.architectures.<module>:<Class>",
      "name": str, "version": str, "sample_rate": int, "window_seconds": float,
      "model_config": dict, "state_dict": dict, "calibration": {"scale", "bias"}, "card": dict}
 
+``scorer`` names the architecture's scorer class (``models.architectures.scorer``), which
+builds and scores the model; checkpoints older than that key are mapped by ``architecture``.
 Official state_dicts (AASIST ``.pth``, RawNet2 ``.pth`` or ``.pth.xz``) load too, with the
 official 16 kHz configs and no calibration.
 """
@@ -26,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.architectures.scorer import Scorer, official_scorer, scorer_class, scorer_path
+
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
@@ -39,10 +44,6 @@ NAMED_MODELS = {
     "lfcc-gmm": CHECKPOINT_DIR / "lfcc_gmm.pt",
     "aasist-l": CHECKPOINT_DIR / "aasist_l.pt",
 }
-
-
-# Architectures that are not a logits ``nn.Module``: their model scores a list of waveforms.
-WAVE_SCORERS = ("lfcc_gmm", "whisper_lr", "fusion")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -100,12 +101,22 @@ class Detector:
     architecture: str
     sample_rate: int
     window_seconds: float
-    model: Any  # nn.Module, or LFCCGMM for the classic baseline
+    scorer: Scorer  # the architecture's: builds, holds and scores the model
     calibration: Calibration = field(default_factory=Calibration)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    official_score: bool = False
     card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        """The network (an ``nn.Module``) or the model object of a non-neural scorer."""
+        return self.scorer.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scorer.dtype
 
     @property
     def window_samples(self) -> int:
@@ -118,17 +129,7 @@ class Detector:
 
     def score_batch(self, batch: np.ndarray) -> np.ndarray:
         """Scores of equal-length waveforms ``(B, T)`` in one forward pass."""
-        if self.architecture in WAVE_SCORERS:
-            return np.asarray(self.model.score(list(batch)), dtype=np.float64)
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        x = x.to(self.device, self.dtype, non_blocking=True)
-        with torch.inference_mode():
-            if self.official_score:
-                out = self.model.score(x)
-            else:
-                logits = self.model(x).float()
-                out = logits[:, 1] - logits[:, 0]  # log-odds of bona fide
-        return out.float().cpu().numpy().astype(np.float64)
+        return self.scorer.score_batch(batch)
 
     def scores(self, waves: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """Scores of variable-length waveforms: grouped by length so each forward is one
@@ -165,34 +166,11 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def build_model(architecture: str, model_config: dict[str, Any]) -> Any:
-    if architecture == "rawnet2":
-        from models.architectures.rawnet2 import RawNet2, RawNet2Config
-
-        return RawNet2(RawNet2Config.from_dict(model_config))
-    if architecture == "aasist":
-        from models.architectures.aasist import AASIST, AASISTConfig
-
-        return AASIST(AASISTConfig(**model_config))
-    raise ValueError(f"unknown architecture {architecture!r}")
-
-
-def _official_detector(path: Path, state: dict[str, Any]) -> tuple[str, Any, bool]:
-    """Recognise an official state_dict by its keys and build the matching model."""
-    if "gru.weight_ih_l0" in state:
-        from models.architectures.rawnet2 import RawNet2, RawNet2Config
-
-        model = RawNet2(RawNet2Config.baseline2021())
-        model.load_state_dict(state, strict=True)
-        return "rawnet2", model, True
-    if "pos_S" in state:
-        from models.architectures.aasist import AASIST, AASISTConfig
-
-        width = state["encoder.0.0.conv1.weight"].shape[0]
-        config = AASISTConfig.aasist() if width == 32 else AASISTConfig.aasist_l()
-        model = AASIST(config)
-        model.load_state_dict(state, strict=True)
-        return "aasist", model, False
-    raise ValueError(f"{path}: not a callshield checkpoint nor an official RawNet2/AASIST one")
+    """An untrained network of a neural ``architecture`` (a name or a scorer path)."""
+    build = getattr(scorer_class(architecture), "build", None)
+    if build is None:
+        raise ValueError(f"{architecture!r} is not a neural architecture")
+    return build(model_config)
 
 
 def load_detector(
@@ -211,12 +189,13 @@ def load_detector(
     torch_device = resolve_device(device)
     dtype = torch.float16 if half and torch_device.type == "cuda" else torch.float32
     if state.get("format") != FORMAT:
-        architecture, model, official = _official_detector(path, state)
-        model = model.to(torch_device, dtype).eval()
+        scorer = official_scorer(state, torch_device, dtype)
+        if scorer is None:
+            raise ValueError(
+                f"{path}: not a callshield checkpoint nor an official RawNet2/AASIST one")
         return Detector(
-            name=path.stem, version="official", architecture=architecture, sample_rate=16000,
-            window_seconds=64600 / 16000, model=model, device=torch_device, dtype=dtype,
-            official_score=official,
+            name=path.stem, version="official", architecture=scorer.architecture,
+            sample_rate=16000, window_seconds=64600 / 16000, scorer=scorer,
         )
     return detector_from_state(state, torch_device, dtype)
 
@@ -227,32 +206,13 @@ def detector_from_state(
 ) -> Detector:
     """A :class:`Detector` from a loaded callshield checkpoint dict."""
     device = device or torch.device("cpu")
-    calibration = Calibration(**state.get("calibration", {}))
-    common = dict(
+    cls = scorer_class(state.get("scorer") or state["architecture"])
+    return Detector(
         name=state["name"], version=state["version"], architecture=state["architecture"],
         sample_rate=int(state["sample_rate"]), window_seconds=float(state["window_seconds"]),
-        calibration=calibration, card=state.get("card", {}),
+        scorer=cls.from_checkpoint(state, device, dtype),
+        calibration=Calibration(**state.get("calibration", {})), card=state.get("card", {}),
     )
-    if state["architecture"] == "lfcc_gmm":
-        from models.architectures.lfcc_gmm import LFCCGMM
-
-        return Detector(model=LFCCGMM.from_state_dict(state["state_dict"]), **common)
-    if state["architecture"] == "whisper_lr":
-        from models.architectures.whisper import WhisperLR
-
-        return Detector(model=WhisperLR.from_state_dict(state["state_dict"]), **common)
-    if state["architecture"] == "fusion":
-        from models.architectures.fusion import FusedScorer
-
-        fused = state["state_dict"]
-        parts = [detector_from_state(p, device, dtype) for p in fused["parts"]]
-        model = FusedScorer(parts, fused["mean"], fused["scale"], fused["weight"],
-                            fused["bias"])
-        return Detector(model=model, **common)
-    model = build_model(state["architecture"], state["model_config"])
-    model.load_state_dict(state["state_dict"], strict=True)
-    model = model.to(device, dtype).eval()
-    return Detector(model=model, device=device, dtype=dtype, **common)
 
 
 def save_checkpoint(path: str | Path, **fields: Any) -> None:
@@ -261,6 +221,8 @@ def save_checkpoint(path: str | Path, **fields: Any) -> None:
     missing = required - set(fields)
     if missing:
         raise ValueError(f"checkpoint fields missing: {sorted(missing)}")
+    cls = scorer_class(fields.get("scorer") or fields["architecture"])
+    fields["architecture"], fields["scorer"] = cls.architecture, scorer_path(cls)
     fields.setdefault("model_config", {})
     fields.setdefault("calibration", {"scale": 1.0, "bias": 0.0})
     fields.setdefault("card", {})

@@ -76,66 +76,50 @@ class AsvScores(NamedTuple):
     spoof: FloatArray
 
 
-def _check_priors(p_spoof: float, p_tar: float, p_non: float) -> None:
-    if min(p_spoof, p_tar, p_non) < 0 or abs(p_spoof + p_tar + p_non - 1) > 1e-10:
-        raise ValueError(
-            "t-DCF priors must be non-negative and sum to one, got "
-            f"p_spoof={p_spoof}, p_tar={p_tar}, p_non={p_non} (sum {p_spoof + p_tar + p_non})"
-        )
+@dataclass(frozen=True)
+class _Priors:
+    """The class priors both t-DCF formulations start with (checked once, here)."""
+
+    p_spoof: float
+    p_tar: float
+    p_non: float
+
+    def __post_init__(self) -> None:
+        p_spoof, p_tar, p_non = self.p_spoof, self.p_tar, self.p_non
+        if min(p_spoof, p_tar, p_non) < 0 or abs(p_spoof + p_tar + p_non - 1) > 1e-10:
+            raise ValueError(
+                "t-DCF priors must be non-negative and sum to one, got "
+                f"p_spoof={p_spoof}, p_tar={p_tar}, p_non={p_non} (sum {p_spoof + p_tar + p_non})"
+            )
 
 
 @dataclass(frozen=True)
-class CostModel2019:
+class CostModel2019(_Priors):
     """t-DCF parameters of the original (ASVspoof 2019) formulation.
 
     The official 2019 dict also carries ``Cmiss`` and ``Cfa``; that formula never reads them,
     so they are left out here.
     """
 
-    p_spoof: float
-    p_tar: float
-    p_non: float
     c_miss_asv: float
     c_fa_asv: float
     c_miss_cm: float
     c_fa_cm: float
 
-    def __post_init__(self) -> None:
-        _check_priors(self.p_spoof, self.p_tar, self.p_non)
-
 
 @dataclass(frozen=True)
-class CostModel2021:
+class CostModel2021(_Priors):
     """t-DCF parameters of the revised (ASVspoof 2021) formulation."""
 
-    p_spoof: float
-    p_tar: float
-    p_non: float
     c_miss: float
     c_fa: float
     c_fa_spoof: float
 
-    def __post_init__(self) -> None:
-        _check_priors(self.p_spoof, self.p_tar, self.p_non)
 
-
+_ASVSPOOF_PRIORS = {"p_spoof": 0.05, "p_tar": (1 - 0.05) * 0.99, "p_non": (1 - 0.05) * 0.01}
 ASVSPOOF2019_COST_MODEL = CostModel2019(
-    p_spoof=0.05,
-    p_tar=(1 - 0.05) * 0.99,
-    p_non=(1 - 0.05) * 0.01,
-    c_miss_asv=1,
-    c_fa_asv=10,
-    c_miss_cm=1,
-    c_fa_cm=10,
-)
-ASVSPOOF2021_COST_MODEL = CostModel2021(
-    p_spoof=0.05,
-    p_tar=(1 - 0.05) * 0.99,
-    p_non=(1 - 0.05) * 0.01,
-    c_miss=1,
-    c_fa=10,
-    c_fa_spoof=10,
-)
+    **_ASVSPOOF_PRIORS, c_miss_asv=1, c_fa_asv=10, c_miss_cm=1, c_fa_cm=10)
+ASVSPOOF2021_COST_MODEL = CostModel2021(**_ASVSPOOF_PRIORS, c_miss=1, c_fa=10, c_fa_spoof=10)
 
 
 def _scores(values: ArrayLike, name: str) -> FloatArray:

@@ -1,8 +1,9 @@
 """Speaker lanes: everything one speaker of a stream owns, in one place.
 
 A lane is one speaker's windower (which windows of its audio get scored, and when it spoke)
-and its verdict rule (what the scores mean). Attribution (a channel per party, or diarization)
-hands each chunk out as audio per speaker; :class:`Lanes` keeps every lane on call time, opens
+and its verdict rule (what the scores mean). Attribution (``server.speakers``: a channel per
+party, or diarization) hands each chunk out as audio and a sample mask per speaker;
+:class:`Lanes` keeps every lane on call time, opens
 a lane for a speaker a diarizer finds mid-call, and builds the summary from the lanes. It is
 sans-IO: no queue, no protobuf, so the service, ``Detect`` and the benchmarks that replay
 verdict rules over recorded scores all cut and decide the same way.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.speakers import SpeakerAudio
 from server.verdicts import (
     DEFAULT_RULE,
     DEFAULT_THRESHOLD,
@@ -75,16 +77,16 @@ class Lanes:
         return max((lane.windower.total for lane in self.lanes.values()),
                    default=0) / self.sample_rate
 
-    def push(self, parts: Sequence[tuple[str, np.ndarray]]) -> list[tuple[Lane, Window]]:
+    def push(self, parts: Sequence[SpeakerAudio]) -> list[tuple[Lane, Window]]:
         """Windows completed by one attributed chunk: ``parts`` is audio per speaker, all of
         one length (``""``: call time no speaker holds yet)."""
         windows = []
         length = 0
-        for speaker, audio in parts:
+        for speaker, audio, mask in parts:
             length = audio.shape[0]
             if speaker:
                 lane = self.lane(speaker)
-                windows += [(lane, w) for w in lane.windower.push(audio)]
+                windows += [(lane, w) for w in lane.windower.push(audio, mask)]
         self.attributed += length
         for lane in self.lanes.values():  # silent in this chunk: keep call time
             if lane.windower.total < self.attributed:

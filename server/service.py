@@ -43,9 +43,9 @@ from server.errors import (
 )
 from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, QueueUnavailable
-from server.session import Session, SpeakerAttributor
+from server.session import Session
 from server.settings import parse_settings
-from server.speakers import Diarization
+from server.speakers import Diarization, SpeakerAttributor
 
 DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
 log = structlog.get_logger("callshield.service")

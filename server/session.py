@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import structlog
@@ -26,42 +25,9 @@ from server.lanes import Lane, Lanes
 from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, WindowJob, WindowScore
 from server.settings import StreamSettings
+from server.speakers import ChannelAttributor, SpeakerAttributor
 from server.verdicts import DEFAULT_RULE, Alert, Verdict
 from server.windowing import Window
-
-
-class SpeakerAttributor(Protocol):
-    """Who speaks in the decoded audio: the seam where diarization plugs in for MIXED calls.
-
-    Given one chunk per decoded channel, returns audio per speaker (a speaker's silent parts
-    zeroed). Every call returns the same length for all speakers it names, and the lengths add
-    up to call time, so that window times stay call times; a diarizer may lag (return less
-    now, the rest later and in ``flush``) and may name new speakers as the call goes on
-    (``speakers`` grows); an entry with the empty label ``""`` carries call time that no
-    speaker holds yet. ``blocking`` attributors (model inference) run in a worker thread.
-    """
-
-    speakers: Sequence[str]
-    blocking: bool
-
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]: ...
-
-    def flush(self) -> list[tuple[str, np.ndarray]]: ...
-
-
-class ChannelAttributor:
-    """One speaker per channel: SPLIT calls, and MIXED calls with diarization off."""
-
-    blocking = False
-
-    def __init__(self, speakers: Sequence[str]) -> None:
-        self.speakers = tuple(speakers)
-
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
-        return list(zip(self.speakers, channels, strict=True))
-
-    def flush(self) -> list[tuple[str, np.ndarray]]:
-        return []
 
 
 def verdict_pb(v: Verdict, ranges: Sequence[tuple[float, float]] = ()) -> pb.SpeakerVerdict:

@@ -1,9 +1,12 @@
-"""Routing a stream's audio to speakers: diarization for MIXED calls (see ``diarization/``).
+"""Routing a stream's audio to speakers: every attributor lives here (a channel per party for
+SPLIT calls, diarization for MIXED calls, see ``diarization/``).
 
 Attribution rule (the same live and offline): every sample goes to the one speaker that the
 diarizer says holds it, and to nobody when nobody speaks or when two speakers overlap, since
-an overlapped stretch would mix a genuine and a fake voice into one spoof score. Each speaker
-then has its own audio track (the rest zeroed) and its own scoring windows; a window is scored
+an overlapped stretch would mix a genuine and a fake voice into one spoof score. An attributor
+hands out the chunk once with a sample mask per speaker (:class:`SpeakerAudio`); the speaker's
+lane zeroes what its mask leaves out, so each speaker has its own audio track and its own
+scoring windows (``server.lanes``); a window is scored
 only when its speaker's speech fills at least ``server.windowing.MIN_SPEECH_FRACTION`` of it,
 so windows that are mostly silence, overlap or the other party are skipped, and each scored
 window belongs to the speaker who holds most of its speech by construction.
@@ -22,12 +25,60 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import structlog
 
 log = structlog.get_logger("callshield.speakers")
+
+
+class SpeakerAudio(NamedTuple):
+    """One speaker's share of an attributed chunk.
+
+    ``mask`` marks the samples of ``audio`` the speaker holds (``None``: all of them, a
+    channel per party); the speakers of a diarized chunk share one ``audio`` array, so a call
+    with many labels costs one copy of its audio, not one per label. ``speaker`` ``""``
+    carries call time that no speaker holds yet.
+    """
+
+    speaker: str
+    audio: np.ndarray
+    mask: np.ndarray | None = None
+
+
+class SpeakerAttributor(Protocol):
+    """Who speaks in the decoded audio: the seam where diarization plugs in for MIXED calls.
+
+    Given one chunk per decoded channel, returns the audio of each speaker it names. Every
+    call returns the same length for all of them, and the lengths add up to call time, so that
+    window times stay call times; a diarizer may lag (return less now, the rest later and in
+    ``flush``) and may name new speakers as the call goes on (``speakers`` grows).
+    ``blocking`` attributors (model inference) run in a worker thread.
+    """
+
+    speakers: Sequence[str]
+    blocking: bool
+
+    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]: ...
+
+    def flush(self) -> list[SpeakerAudio]: ...
+
+
+class ChannelAttributor:
+    """One speaker per channel: SPLIT calls, and MIXED calls with diarization off."""
+
+    blocking = False
+
+    def __init__(self, speakers: Sequence[str]) -> None:
+        self.speakers = tuple(speakers)
+
+    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]:
+        return [SpeakerAudio(name, audio)
+                for name, audio in zip(self.speakers, channels, strict=True)]
+
+    def flush(self) -> list[SpeakerAudio]:
+        return []
 
 
 def _mono(channels: Sequence[np.ndarray]) -> np.ndarray:
@@ -37,16 +88,15 @@ def _mono(channels: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _split(audio: np.ndarray, labels: np.ndarray,
-           speakers: Sequence[str]) -> list[tuple[str, np.ndarray]]:
-    """Per-speaker copies of ``audio`` with everything but that speaker's samples zeroed."""
+           speakers: Sequence[str]) -> list[SpeakerAudio]:
+    """``audio`` for each speaker, masked to the samples labelled with its index."""
     if not speakers:
-        return [("", audio)]
-    return [(name, np.where(labels == k, audio, 0).astype(np.float32))
-            for k, name in enumerate(speakers)]
+        return [SpeakerAudio("", audio)]
+    return [SpeakerAudio(name, audio, labels == k) for k, name in enumerate(speakers)]
 
 
 class DiarizingAttributor:
-    """Live diarization of one MIXED stream (a ``server.session.SpeakerAttributor``)."""
+    """Live diarization of one MIXED stream."""
 
     blocking = True
 
@@ -60,7 +110,7 @@ class DiarizingAttributor:
     def speakers(self) -> Sequence[str]:
         return tuple(self.diarizer.speakers)
 
-    def _join(self, steps: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    def _join(self, steps: list[tuple[np.ndarray, np.ndarray]]) -> list[SpeakerAudio]:
         if not steps:
             return []
         audio = np.concatenate([a for a, _ in steps])
@@ -69,10 +119,10 @@ class DiarizingAttributor:
             self.labels.append(labels)
         return _split(audio, labels, self.diarizer.speakers)
 
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]:
         return self._join(self.diarizer.push(_mono(channels)))
 
-    def flush(self) -> list[tuple[str, np.ndarray]]:
+    def flush(self) -> list[SpeakerAudio]:
         return self._join(self.diarizer.flush())
 
 
@@ -88,7 +138,7 @@ class TurnsAttributor:
                        for a, b, lab in turns]
         self._position = 0
 
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]:
         audio = _mono(channels)
         n = audio.shape[0]
         start, end = self._position, self._position + n
@@ -103,7 +153,7 @@ class TurnsAttributor:
         self._position = end
         return _split(audio, labels, self.speakers)
 
-    def flush(self) -> list[tuple[str, np.ndarray]]:
+    def flush(self) -> list[SpeakerAudio]:
         return []
 
 

@@ -80,10 +80,10 @@ def test_speaker_labels_run_a_to_z_then_aa() -> None:
 
 def test_turns_attributor_gives_overlap_and_silence_to_nobody() -> None:
     attributor = TurnsAttributor([(0.0, 0.6, "A"), (0.4, 1.0, "B")], sample_rate=10)
-    parts = dict(attributor.attribute([np.ones(12, np.float32)]))
+    parts = {p.speaker: p.mask for p in attributor.attribute([np.ones(12, np.float32)])}
     assert list(parts) == ["A", "B"]
-    assert parts["A"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
-    assert parts["B"].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
+    assert parts["A"].astype(int).tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert parts["B"].astype(int).tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
 
 
 def test_windower_for_a_speaker_found_mid_call_keeps_call_time() -> None:
@@ -269,8 +269,7 @@ def test_split_streams_skip_diarization_mixed_streams_get_it(
     from callshield.v1 import detection_pb2 as pb
     from server.config import ServerConfig
     from server.service import DetectionServicer
-    from server.session import ChannelAttributor
-    from server.speakers import Diarization, DiarizingAttributor
+    from server.speakers import ChannelAttributor, Diarization, DiarizingAttributor
 
     diarization = Diarization(diarization_models, detector.sample_rate)
     servicer = DetectionServicer(detector, None, ServerConfig(), diarization)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ speech (hop 1 s), ``speech_seconds`` the speaker's speech up to the window's end
 from __future__ import annotations
 
 from server.lanes import Lanes
+from server.speakers import SpeakerAudio
 from server.verdicts import EvidenceRule, State, Update, make_rule
 
 
@@ -92,7 +93,8 @@ def test_lanes_report_each_speakers_time_ranges() -> None:
     b = np.concatenate([silence, silence, tone, silence, silence, silence])
     windows = []
     for i in range(0, a.shape[0], rate // 2):
-        windows += lanes.push([("A", a[i : i + rate // 2]), ("B", b[i : i + rate // 2])])
+        windows += lanes.push([SpeakerAudio("A", a[i : i + rate // 2]),
+                               SpeakerAudio("B", b[i : i + rate // 2])])
     windows += lanes.flush()
     for lane, w in windows:
         if w.has_speech:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.architectures.scorer import LogitsScorer
 from models.architectures.sinc import SincFilterBank
 
 __all__ = [
@@ -144,6 +145,14 @@ def _pairwise_products(x: Tensor) -> Tensor:
     return x.unsqueeze(2) * x.unsqueeze(1)
 
 
+def _add_output_norm(layer: nn.Module, out_dim: int, temperature: float) -> None:
+    """The tail both graph attention layers register last (official state_dict order): the
+    BatchNorm of their output, the dropout of their input, and the attention temperature."""
+    layer.bn = nn.BatchNorm1d(out_dim)
+    layer.input_drop = nn.Dropout(p=0.2)
+    layer.temperature = temperature
+
+
 class GraphAttentionLayer(nn.Module):
     """Homogeneous graph attention (the GAT-S / GAT-T layers of the paper).
 
@@ -159,9 +168,7 @@ class GraphAttentionLayer(nn.Module):
         self.att_proj = nn.Linear(in_dim, out_dim)
         self.proj_with_att = nn.Linear(in_dim, out_dim)
         self.proj_without_att = nn.Linear(in_dim, out_dim)
-        self.bn = nn.BatchNorm1d(out_dim)
-        self.input_drop = nn.Dropout(p=0.2)
-        self.temperature = temperature
+        _add_output_norm(self, out_dim, temperature)
 
     def attention(self, x: Tensor) -> Tensor:
         """``(B, N, D) -> (B, N, N)`` row-stochastic attention matrix: row ``i`` holds the
@@ -201,9 +208,7 @@ class HtrgGraphAttentionLayer(nn.Module):
         self.proj_without_att = nn.Linear(in_dim, out_dim)
         self.proj_with_attM = nn.Linear(in_dim, out_dim)
         self.proj_without_attM = nn.Linear(in_dim, out_dim)
-        self.bn = nn.BatchNorm1d(out_dim)
-        self.input_drop = nn.Dropout(p=0.2)
-        self.temperature = temperature
+        _add_output_norm(self, out_dim, temperature)
 
     def attention(self, x: Tensor, n1: int) -> Tensor:
         """``(B, N1 + N2, D) -> (B, N, N)`` attention with per-block attention vectors.
@@ -459,3 +464,25 @@ class AASIST(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Waveform ``(B, T)`` -> logits ``(B, 2)``, ``[spoof, bona fide]``."""
         return self.forward_features(x)[1]
+
+
+class AASISTScorer(LogitsScorer):
+    """AASIST and AASIST-L checkpoints, official ones included (scored by their logits)."""
+
+    architecture = "aasist"
+
+    @classmethod
+    def build(cls, model_config: dict[str, Any]) -> AASIST:
+        return AASIST(AASISTConfig(**model_config))
+
+    @classmethod
+    def from_official(cls, state: dict[str, Any], device: torch.device,
+                      dtype: torch.dtype) -> AASISTScorer | None:
+        if "pos_S" not in state:
+            return None
+        # both variants open with 32 channels; their graph widths differ (64 and 24)
+        width = state["pool_S.proj.weight"].shape[1]
+        full = AASISTConfig.aasist()
+        model = AASIST(full if width == full.gat_dims[0] else AASISTConfig.aasist_l())
+        model.load_state_dict(state, strict=True)
+        return cls(model, device, dtype)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from models.architectures.scorer import WaveScorer
+
 
 @cache
 def _controller() -> Any:
@@ -76,3 +78,19 @@ def fusion_state(parts: Sequence[dict[str, Any]], weights: dict[str, Any]) -> di
     that ``bench.generalization.fusion_weights`` fitted."""
     return {"parts": list(parts), "mean": list(weights["mean"]), "scale": list(weights["scale"]),
             "weight": list(weights["weight"]), "bias": float(weights["bias"])}
+
+
+class FusionScorer(WaveScorer):
+    """Fused checkpoints: each part loads as the detector its own checkpoint describes."""
+
+    architecture = "fusion"
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], device: torch.device,
+                        dtype: torch.dtype) -> FusionScorer:
+        from models.inference import detector_from_state
+
+        fused = state["state_dict"]
+        parts = [detector_from_state(p, device, dtype) for p in fused["parts"]]
+        return cls(FusedScorer(parts, fused["mean"], fused["scale"], fused["weight"],
+                               fused["bias"]))

@@ -54,6 +54,8 @@ from scipy.fft import dct
 from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
+from models.architectures.scorer import WaveScorer
+
 __all__ = ["DiagonalGMM", "LFCCGMM", "LFCCGMMConfig", "deltas", "lfcc", "linear_filterbank"]
 
 FloatArray = NDArray[np.float64]
@@ -371,3 +373,9 @@ class LFCCGMM:
                     f"{model.config.feature_dim}"
                 )
         return model
+
+
+class LFCCGMMScorer(WaveScorer):
+    architecture = _ARCH
+    model_class = LFCCGMM
+    trainer = "models.tasks.gmm:train_lfcc_gmm"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.architectures.scorer import LogitsScorer
 from models.architectures.sinc import SincFilterBank
 
 Variant = Literal["baseline2021", "eurecom"]
@@ -164,3 +165,32 @@ class RawNet2(nn.Module):
     def min_samples(self) -> int:
         """Shortest input with at least one frame left after the six max-pools."""
         return self.Sinc_conv.kernel_size - 1 + 3 ** 7
+
+
+class RawNet2Scorer(LogitsScorer):
+    """RawNet2 checkpoints; official ones score as their own evaluation code does."""
+
+    architecture = "rawnet2"
+
+    def __init__(self, model: RawNet2, device: torch.device, dtype: torch.dtype = torch.float32,
+                 official: bool = False) -> None:
+        super().__init__(model, device, dtype)
+        self.official = official
+
+    @classmethod
+    def build(cls, model_config: dict[str, Any]) -> RawNet2:
+        return RawNet2(RawNet2Config.from_dict(model_config))
+
+    @classmethod
+    def from_official(cls, state: dict[str, Any], device: torch.device,
+                      dtype: torch.dtype) -> RawNet2Scorer | None:
+        if "gru.weight_ih_l0" not in state:
+            return None
+        model = RawNet2(RawNet2Config.baseline2021())
+        model.load_state_dict(state, strict=True)
+        return cls(model, device, dtype, official=True)
+
+    def raw_scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.official:
+            return self.model.score(x)
+        return super().raw_scores(x)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from models.architectures.scorer import WaveScorer
 from models.data.audio import resample
 
 WHISPER_RATE = 16000
@@ -169,3 +170,10 @@ class WhisperLR:
         head = LinearHead(state["mean"].numpy(), state["scale"].numpy(),
                           state["weight"].numpy(), float(state["bias"]))
         return cls(head, int(state["sample_rate"]))
+
+
+class WhisperLRScorer(WaveScorer):
+    """``whisper_lr`` checkpoints (fitted by ``bench/generalization.py``)."""
+
+    architecture = _ARCH
+    model_class = WhisperLR

@@ -42,21 +42,9 @@ from redis.exceptions import RedisError
 
 from models.inference import Detector
 from server import metrics
+from server.queue import redis_protocol as wire
 from server.queue.base import WindowJob
 from server.queue.batching import score_jobs
-from server.queue.redis_protocol import (
-    GROUP,
-    ErrorMessage,
-    Fields,
-    JobMessage,
-    MalformedMessage,
-    RedisKeys,
-    ResultMessage,
-    as_text,
-    decode_audio,
-    ensure_group,
-    is_nogroup,
-)
 
 log = structlog.get_logger("callshield.worker")
 
@@ -65,7 +53,7 @@ log = structlog.get_logger("callshield.worker")
 JOBS = Counter("callshield_worker_jobs_total", "Windows a Redis worker answered", ["outcome"])
 RECLAIMED = Counter("callshield_worker_reclaimed_total", "Jobs taken over from dead workers")
 
-Entry = tuple[bytes, Fields]  # (stream entry id, fields)
+Entry = tuple[bytes, wire.Fields]  # (stream entry id, fields)
 MAX_BACKOFF_S = 1.0  # longest wait between two attempts while Redis is unreachable
 
 
@@ -91,7 +79,7 @@ class _Job:
     """A job read off the stream: its message, and the entry id that acknowledges it."""
 
     entry_id: bytes
-    message: JobMessage
+    message: wire.JobMessage
 
 
 class Worker:
@@ -100,7 +88,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, detector: Detector) -> None:
         self.config = config
         self.detector = detector
-        self.keys = RedisKeys(config.model, config.prefix)
+        self.keys = wire.RedisKeys(config.model, config.prefix)
         # No redis-py retries: the loop below retries with its own short backoff.
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             config.redis_url, socket_connect_timeout=2.0,
@@ -142,7 +130,7 @@ class Worker:
                     backoff = 0.1
                 except (RedisError, OSError) as exc:
                     self._loop_ok = False
-                    if is_nogroup(exc):
+                    if wire.is_nogroup(exc):
                         log.warning("consumer_group_missing", error=str(exc))
                         with contextlib.suppress(RedisError, OSError):
                             await self._ensure_group()
@@ -166,9 +154,9 @@ class Worker:
         """Create the job stream and consumer group unless they exist (at start, and whenever
         Redis lost them). From id 0: windows queued before the group existed are scored, not
         skipped."""
-        if await ensure_group(self.redis, self.keys.jobs):
+        if await wire.ensure_group(self.redis, self.keys.jobs):
             self.groups_created += 1
-            log.info("consumer_group_created", jobs=self.keys.jobs, group=GROUP)
+            log.info("consumer_group_created", jobs=self.keys.jobs, group=wire.GROUP)
 
     async def _heartbeat(self) -> None:
         key = self.keys.heartbeat(self.config.consumer)
@@ -193,7 +181,7 @@ class Worker:
 
     async def _prune_workers(self, members: set[bytes]) -> None:
         """Drop the ids of workers whose heartbeat expired (killed without a goodbye)."""
-        names = sorted(as_text(m) for m in members)
+        names = sorted(wire.as_text(m) for m in members)
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.exists(self.keys.heartbeat(name))
@@ -218,7 +206,7 @@ class Worker:
 
     async def _xreadgroup(self, count: int, block_ms: int | None) -> list[Entry]:
         response = await self.redis.xreadgroup(
-            GROUP, self.config.consumer, {self.keys.jobs: ">"}, count=count, block=block_ms)
+            wire.GROUP, self.config.consumer, {self.keys.jobs: ">"}, count=count, block=block_ms)
         return [entry for _stream, entries in response or [] for entry in entries]
 
     async def _reclaim(self) -> list[_Job]:
@@ -229,18 +217,18 @@ class Worker:
             return []
         self._last_claim = now
         response = await self.redis.xautoclaim(
-            self.keys.jobs, GROUP, cfg.consumer, min_idle_time=cfg.claim_idle_ms,
+            self.keys.jobs, wire.GROUP, cfg.consumer, min_idle_time=cfg.claim_idle_ms,
             start_id=self._claim_cursor, count=cfg.max_batch)
         self._claim_cursor = response[0]
         if len(response) > 2 and response[2]:
             log.warning("jobs_trimmed_before_scoring",
-                        entry_ids=[as_text(i) for i in response[2]])
+                        entry_ids=[wire.as_text(i) for i in response[2]])
         claimed = await self._parse([(i, f) for i, f in response[1] if f])
         if not claimed:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for job in claimed:
-                pipe.xpending_range(self.keys.jobs, GROUP, min=job.entry_id, max=job.entry_id,
+                pipe.xpending_range(self.keys.jobs, wire.GROUP, min=job.entry_id, max=job.entry_id,
                                     count=1)
             pending = await pipe.execute()
         retry: list[_Job] = []
@@ -263,12 +251,12 @@ class Worker:
         bad_ids: list[bytes] = []
         for entry_id, fields in entries:
             try:
-                jobs.append(_Job(entry_id, JobMessage.from_fields(fields)))
-            except MalformedMessage as exc:
-                log.error("malformed_job", entry_id=as_text(entry_id), error=str(exc))
+                jobs.append(_Job(entry_id, wire.JobMessage.from_fields(fields)))
+            except wire.MalformedMessage as exc:
+                log.error("malformed_job", entry_id=wire.as_text(entry_id), error=str(exc))
                 bad_ids.append(entry_id)
         if bad_ids:
-            await self.redis.xack(self.keys.jobs, GROUP, *bad_ids)
+            await self.redis.xack(self.keys.jobs, wire.GROUP, *bad_ids)
         return jobs
 
     async def _process(self, jobs: list[_Job]) -> None:
@@ -276,7 +264,7 @@ class Worker:
         consumer = self.config.consumer
         payloads = await self.redis.mget([j.message.audio_key for j in jobs])
         now = time.time()
-        answers: list[tuple[_Job, ResultMessage]] = []
+        answers: list[tuple[_Job, wire.ResultMessage]] = []
         scorable: list[tuple[_Job, WindowJob]] = []
         for job, payload in zip(jobs, payloads, strict=True):
             m = job.message
@@ -287,7 +275,7 @@ class Worker:
                 answers.append((job, m.failed("audio payload expired", consumer)))
             else:
                 try:
-                    audio = decode_audio(payload, m.audio_format, m.samples)
+                    audio = wire.decode_audio(payload, m.audio_format, m.samples)
                     scorable.append((job, WindowJob(m.job_id, m.stream_id, audio)))
                 except ValueError as exc:
                     answers.append((job, m.failed(f"bad payload: {exc}", consumer)))
@@ -309,7 +297,7 @@ class Worker:
                       job_ids=[j.message.job_id for j in jobs])
         await self._publish(answers)
 
-    async def _publish(self, answers: list[tuple[_Job, ResultMessage]]) -> None:
+    async def _publish(self, answers: list[tuple[_Job, wire.ResultMessage]]) -> None:
         """Results to each owner's stream, then XACK + XDEL + payload DEL, in one MULTI: a
         job is acknowledged only together with its published result."""
         cfg = self.config
@@ -320,14 +308,14 @@ class Worker:
                 pipe.xadd(job.message.reply, answer.to_fields(), maxlen=cfg.results_maxlen,
                           approximate=True)
                 replies.add(job.message.reply)
-                if isinstance(answer, ErrorMessage):
+                if isinstance(answer, wire.ErrorMessage):
                     failed += 1
                     log.warning("job_failed", job_id=job.message.job_id,
                                 stream_id=job.message.stream_id, error=answer.error)
             for reply in replies:
                 pipe.expire(reply, cfg.results_ttl)
             ids = [job.entry_id for job, _ in answers]
-            pipe.xack(self.keys.jobs, GROUP, *ids)
+            pipe.xack(self.keys.jobs, wire.GROUP, *ids)
             pipe.xdel(self.keys.jobs, *ids)
             pipe.delete(*(job.message.audio_key for job, _ in answers))
             await pipe.execute()
