@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
 	bench-diarization train-diarization bench-plugins plugins train-baselines vocode \
-	bench-generalization loso-folds train-gpu train-fusion
+	bench-generalization loso-folds train-gpu train-fusion bench-memory
 CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
 
@@ -96,6 +96,9 @@ train-diarization: install ## simulate calls, train the segmentation model (diar
 
 bench-plugins: install ## plugin latency per 20 ms frame, calls held -> bench/results/plugins.{json,md}
 	$(PY) -m bench.plugins
+
+bench-memory: install ## server RSS over long calls, abandoned streams, a huge Detect -> bench/results/memory.*
+	$(PY) -m bench.memory
 
 plugins: install ## the telephony plugins beside a server on 127.0.0.1:50051 (docs/telephony.md)
 	$(PY) -m plugins serve --audiosocket 127.0.0.1:9092 --twilio 127.0.0.1:8080/twilio \

@@ -15,6 +15,7 @@ Two sources, chosen by :func:`load_pipeline`:
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,26 @@ def load_pipeline(source: str | Path | None = None) -> Any:
     return build_pipeline(segmentation=path)
 
 
-def diarize(pipeline: Any, audio: np.ndarray, sample_rate: int) -> list[tuple[float, float, str]]:
+class DiarizationCancelled(Exception):
+    """The caller gave up (a ``Detect`` client cancelled or its deadline passed)."""
+
+
+def diarize(pipeline: Any, audio: np.ndarray, sample_rate: int,
+            cancel: threading.Event | None = None) -> list[tuple[float, float, str]]:
     """Speech turns ``(start, end, label)`` of mono ``audio``; labels renamed ``A``, ``B``, ...
-    in order of first speech, as the streaming diarizer names them."""
+    in order of first speech, as the streaming diarizer names them.
+
+    ``cancel``: checked at every batch of segmentation and embedding inference (pyannote's
+    progress hook), so an hour-long recording whose caller is gone stops within one batch
+    instead of computing for minutes (:class:`DiarizationCancelled`)."""
     from diarization.stream import speaker_label
 
+    def hook(*_args: Any, **_kwargs: Any) -> None:
+        if cancel is not None and cancel.is_set():
+            raise DiarizationCancelled("diarization cancelled")
+
     waveform = torch.from_numpy(resample(audio, sample_rate, MODEL_RATE))[None]
-    output = pipeline({"waveform": waveform, "sample_rate": MODEL_RATE})
+    output = pipeline({"waveform": waveform, "sample_rate": MODEL_RATE}, hook=hook)
     annotation = getattr(output, "speaker_diarization", output)  # 4.x wraps it
     names: dict[str, str] = {}
     turns = []

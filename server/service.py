@@ -42,6 +42,7 @@ from server.errors import (
     grpc_statuses,
 )
 from server.logs import CallIdLogging
+from server.memory import trim_heap
 from server.queue.base import InferenceQueue, QueueUnavailable
 from server.session import Session
 from server.settings import parse_settings
@@ -201,8 +202,11 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         before decoding, decoding and resampling run block by block in a worker thread (the
         event loop keeps serving streams), and a client that cancels or whose deadline passes
         stops the decoding within one block (grpc.aio cancels this coroutine)."""
-        async with grpc_statuses(context), self._admit(context):
-            return await self._detect(request)
+        try:
+            async with grpc_statuses(context), self._admit(context):
+                return await self._detect(request)
+        finally:  # the decoded recording is garbage now: give its pages back (memory.py)
+            asyncio.get_running_loop().run_in_executor(None, trim_heap)
 
     async def _detect(self, request: pb.DetectRequest) -> pb.DetectResponse:
         config = pb.StreamConfig()

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import structlog
 
+from server.memory import trim_heap
+
 log = structlog.get_logger("callshield.speakers")
 
 
@@ -179,16 +181,28 @@ class Diarization:
         return DiarizingAttributor(StreamingDiarizer(
             self.models, self.model_rate, StreamConfig(step_seconds=self.step_seconds)))
 
-    def _offline_turns(self, audio: np.ndarray) -> list[tuple[float, float, str]]:
+    def _offline_turns(self, audio: np.ndarray,
+                       cancel: threading.Event) -> list[tuple[float, float, str]]:
         from diarization.offline import diarize, load_pipeline
 
         with self._lock:  # one pipeline object, not re-entrant
+            if cancel.is_set():  # gone while waiting for the lock
+                return []
             if self._pipeline is None:
                 self._pipeline = load_pipeline(self.pipeline_source or None)
-            return diarize(self._pipeline, audio, self.model_rate)
+            try:
+                return diarize(self._pipeline, audio, self.model_rate, cancel)
+            finally:
+                trim_heap()  # the pipeline's arrays for a long recording: see server/memory.py
 
     async def offline_attributor(self, audio: np.ndarray) -> TurnsAttributor:
-        turns = await asyncio.to_thread(self._offline_turns, audio)
+        """The recording's turns; a caller that goes away (cancel, deadline) stops the
+        diarization thread within one inference batch and frees the pipeline for the next."""
+        cancel = threading.Event()
+        try:
+            turns = await asyncio.to_thread(self._offline_turns, audio, cancel)
+        finally:
+            cancel.set()
         return TurnsAttributor(turns, self.model_rate)
 
 

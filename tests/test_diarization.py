@@ -103,6 +103,24 @@ def test_pyannote_sample_offline_der(offline_pipeline: Any) -> None:
     assert der([(ref, hyp)], collar=0.25) < SAMPLE_DER_BOUND
 
 
+def test_offline_diarization_stops_when_its_caller_is_gone(offline_pipeline: Any) -> None:
+    """A Detect whose client left stops diarizing within one inference batch: a 30-minute
+    recording (about 2 minutes of one core here) cancelled after 1 s ends within seconds."""
+    import threading
+    import time
+
+    from diarization.offline import DiarizationCancelled, diarize
+
+    audio, _ = _sample()
+    long = np.tile(audio, 60)
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    t0 = time.perf_counter()
+    with pytest.raises(DiarizationCancelled):
+        diarize(offline_pipeline, long, 8000, cancel)
+    assert time.perf_counter() - t0 < 15
+
+
 def test_pyannote_sample_streaming_der_and_stable_labels(diarization_models: Any) -> None:
     from diarization.stream import StreamingDiarizer, diarize_stream
 
