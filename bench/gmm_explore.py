@@ -20,13 +20,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from bench.generalization import corpus_root, durations
-from models.architectures.lfcc_gmm import DiagonalGMM, deltas
+from models.architectures.lfcc_gmm import DiagonalGMM, LFCCGMMConfig, deltas
 from models.data.asvspoof import ASVspoofSplit, Trial, audio_path
 from models.data.audio import load_audio, repeat_pad
 from models.metrics import compute_eer
@@ -37,28 +37,49 @@ OUT = REPO_ROOT / "runs" / "features" / "gmm-explore"
 SR = 8000
 
 
+def _explored_config() -> LFCCGMMConfig:
+    """The shipped front end with the exploration's smaller GMMs (32 components on 20k
+    frames per class): fast enough to sweep 40 variants, and the ranking is what counts."""
+    return LFCCGMMConfig(sample_rate=SR, f_max=SR / 2, n_components=32,
+                         max_frames_per_class=20_000)
+
+
 @dataclass(frozen=True)
 class Variant:
-    n_filters: int = 20
-    n_ceps: int = 20
-    n_fft: int = 256
-    win_ms: float = 20.0
-    hop_ms: float = 10.0
-    preemphasis: float = 0.97
-    f_min: float = 0.0
-    f_max: float = 4000.0
-    scale: str = "linear"  # linear | mel | log (octave-like, CQCC-flavoured)
+    """One exploration point: the model's own settings (``config``, shared with
+    :class:`LFCCGMMConfig` so a winning variant carries over unchanged) plus the options
+    tried here only. Its ``config.static`` stays True: ``deltas`` picks the streams."""
+
+    config: LFCCGMMConfig = field(default_factory=_explored_config)
+    scale: str = "linear"  # linear | mel | imel | log (octave-like, CQCC-flavoured)
     drop_c0: bool = False
-    deltas: str = "sdd"  # s | sd | sdd | dd (deltas only)
-    delta_width: int = 3
-    cmn: str = "none"  # none | mean | meanvar
-    vad_db: float = 0.0  # drop frames more than this many dB below the utterance's loudest
-    n_components: int = 32
-    max_frames: int = 20000
-    seed: int = 0
+    deltas: str = "sdd"  # s | sd | sdd | dd (deltas only) | d | d2 | sdd0
+    cmn: str = "none"  # none | mean | meanvar | smean
     score: str = "mean"  # mean | unpadded (score the utterance itself, not its 4 s tiling)
     channel: str = "none"  # none | mics: dev audio through one of CHANNELS (a new microphone)
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def but(self, **changes: Any) -> Variant:
+        """This variant with ``changes``, each to the exploration option or to the config
+        field of that name (``max_frames``: the config's ``max_frames_per_class``)."""
+        own = {k: v for k, v in changes.items() if k in _OWN_FIELDS}
+        front = {_ALIASES.get(k, k): v for k, v in changes.items() if k not in own}
+        return replace(self, config=replace(self.config, **front), **own)
+
+    def params(self) -> dict[str, Any]:
+        """The flat settings that results.jsonl records under "variant" (its rows predate
+        the shared config, so the keys stay those of the first runs)."""
+        c = self.config
+        flat = {k: getattr(c, k) for k in _CONFIG_KEYS}
+        flat |= {"f_max": c.band_max_hz, "max_frames": c.max_frames_per_class}
+        return flat | {f.name: getattr(self, f.name) for f in fields(self)
+                       if f.name not in ("config", "extra")}
+
+
+_OWN_FIELDS = frozenset(f.name for f in fields(Variant)) - {"config", "extra"}
+_ALIASES = {"max_frames": "max_frames_per_class"}
+_CONFIG_KEYS = ("n_filters", "n_ceps", "n_fft", "win_ms", "hop_ms", "preemphasis", "f_min",
+                "delta_width", "vad_db", "n_components", "seed")
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -70,19 +91,20 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
 
 
 def filterbank(v: Variant) -> np.ndarray:
-    freqs = np.linspace(0.0, SR / 2, v.n_fft // 2 + 1)
+    c = v.config
+    freqs = np.linspace(0.0, SR / 2, c.n_fft // 2 + 1)
     if v.scale == "linear":
-        edges = np.linspace(v.f_min, v.f_max, v.n_filters + 2)
+        edges = np.linspace(c.f_min, c.band_max_hz, c.n_filters + 2)
     elif v.scale == "mel":
-        edges = _mel_to_hz(np.linspace(_hz_to_mel(np.array(v.f_min)),
-                                       _hz_to_mel(np.array(v.f_max)), v.n_filters + 2))
+        edges = _mel_to_hz(np.linspace(_hz_to_mel(np.array(c.f_min)),
+                                       _hz_to_mel(np.array(c.band_max_hz)), c.n_filters + 2))
     elif v.scale == "imel":  # inverse mel: dense at high frequencies
-        m = np.linspace(_hz_to_mel(np.array(v.f_min)), _hz_to_mel(np.array(v.f_max)),
-                        v.n_filters + 2)
-        edges = (v.f_min + v.f_max) - _mel_to_hz(m)[::-1]
+        m = np.linspace(_hz_to_mel(np.array(c.f_min)), _hz_to_mel(np.array(c.band_max_hz)),
+                        c.n_filters + 2)
+        edges = (c.f_min + c.band_max_hz) - _mel_to_hz(m)[::-1]
     elif v.scale == "log":
-        lo = max(v.f_min, 50.0)
-        edges = np.geomspace(lo, v.f_max, v.n_filters + 2)
+        lo = max(c.f_min, 50.0)
+        edges = np.geomspace(lo, c.band_max_hz, c.n_filters + 2)
     else:
         raise ValueError(v.scale)
     left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
@@ -102,25 +124,26 @@ _FB: dict[Variant, np.ndarray] = {}
 def features(wave: np.ndarray, v: Variant) -> np.ndarray:
     from scipy.fft import dct
 
+    c = v.config
     x = np.asarray(wave, dtype=np.float64)
-    if v.preemphasis:
-        x = np.concatenate((x[:1], x[1:] - v.preemphasis * x[:-1]))
-    win, hop = int(round(SR * v.win_ms / 1000)), int(round(SR * v.hop_ms / 1000))
+    if c.preemphasis:
+        x = np.concatenate((x[:1], x[1:] - c.preemphasis * x[:-1]))
+    win, hop = int(round(SR * c.win_ms / 1000)), int(round(SR * c.hop_ms / 1000))
     if x.size < win:
         x = np.pad(x, (0, win - x.size))
     frames = np.lib.stride_tricks.sliding_window_view(x, win)[::hop]
-    spectrum = np.abs(np.fft.rfft(frames * np.hamming(win), n=v.n_fft)) ** 2
+    spectrum = np.abs(np.fft.rfft(frames * np.hamming(win), n=c.n_fft)) ** 2
     key = replace(v, extra={})
     if key not in _FB:
         _FB[key] = filterbank(v)
     energies = spectrum @ _FB[key]
     static = dct(np.log10(energies + np.finfo(np.float64).eps), type=2, norm="ortho", axis=1)
-    static = static[:, : v.n_ceps]
-    d1 = deltas(static, v.delta_width)
-    d2 = deltas(d1, v.delta_width)
-    if v.vad_db > 0:
+    static = static[:, : c.n_ceps]
+    d1 = deltas(static, c.delta_width)
+    d2 = deltas(d1, c.delta_width)
+    if c.vad_db > 0:
         log_e = 10 * np.log10(np.sum(frames**2, axis=1) + 1e-12)
-        keep = log_e >= log_e.max() - v.vad_db
+        keep = log_e >= log_e.max() - c.vad_db
         static, d1, d2 = static[keep], d1[keep], d2[keep]
     if v.drop_c0:
         static, d1, d2 = static[:, 1:], d1[:, 1:], d2[:, 1:]
@@ -140,12 +163,14 @@ def features(wave: np.ndarray, v: Variant) -> np.ndarray:
 def _fit(frames: np.ndarray, v: Variant, offset: int) -> DiagonalGMM:
     from sklearn.mixture import GaussianMixture
 
-    rng = np.random.default_rng([v.seed, offset])
-    if v.max_frames and frames.shape[0] > v.max_frames:
-        frames = frames[np.sort(rng.choice(frames.shape[0], size=v.max_frames, replace=False))]
-    gmm = GaussianMixture(n_components=v.n_components, covariance_type="diag", tol=1e-3,
-                          reg_covar=1e-6, max_iter=100, init_params="k-means++",
-                          random_state=v.seed + offset).fit(frames.astype(np.float64))
+    c = v.config
+    rng = np.random.default_rng([c.seed, offset])
+    cap = c.max_frames_per_class
+    if cap and frames.shape[0] > cap:
+        frames = frames[np.sort(rng.choice(frames.shape[0], size=cap, replace=False))]
+    gmm = GaussianMixture(n_components=c.n_components, covariance_type="diag", tol=c.tol,
+                          reg_covar=c.reg_covar, max_iter=c.max_iter, init_params=c.init_params,
+                          random_state=c.seed + offset).fit(frames.astype(np.float64))
     return DiagonalGMM.from_sklearn(gmm)
 
 
@@ -241,7 +266,7 @@ def summarise(name: str, v: Variant, folds: list[FoldScores], data: Data,
     eer_short = float(compute_eer(s[(y == 1) & short], s[(y == 0) & short])[0])
     eer_long = float(compute_eer(s[(y == 1) & ~short], s[(y == 0) & ~short])[0])
     return {
-        "name": name, "variant": {k: val for k, val in vars(v).items() if k != "extra"},
+        "name": name, "variant": v.params(),
         "per_engine": rep.per_engine, "pooled": rep.pooled_eer,
         "worst": max(rep.per_engine.values()),
         "fa_eer_thr_digits": float(fa[(y == 1) & short].mean()),
@@ -252,48 +277,41 @@ def summarise(name: str, v: Variant, folds: list[FoldScores], data: Data,
     }
 
 
+# Each change once: the name of its variant on the base and, where the second round tried
+# it too, on the deltas-only front end (the recorded names, kept as they were).
+_CHANGES: list[tuple[str | None, str | None, dict[str, Any]]] = [
+    ("base-s1", "dd-s1", {"seed": 1}),
+    ("base-s2", "dd-s2", {"seed": 2}),
+    ("nopre", "dd-nopre", {"preemphasis": 0.0}),
+    ("cmn", None, {"cmn": "mean"}),
+    ("cmvn", None, {"cmn": "meanvar"}),
+    ("noc0", "dd-noc0", {"drop_c0": True}),
+    ("static", None, {"deltas": "s"}),
+    ("sd", None, {"deltas": "sd"}),
+    ("dd", None, {"deltas": "dd"}),
+    ("d-only", None, {"deltas": "d"}),
+    ("d2-only", None, {"deltas": "d2"}),
+    ("sdd0", None, {"deltas": "sdd0"}),
+    ("vad30", "dd-vad30", {"vad_db": 30.0}),
+    ("vad40", None, {"vad_db": 40.0}),
+    ("mel", "dd-mel", {"scale": "mel"}),
+    ("imel", None, {"scale": "imel"}),
+    ("log", None, {"scale": "log"}),
+    ("band300-3400", "dd-band", {"f_min": 300.0, "f_max": 3400.0}),
+    ("f30c20", None, {"n_filters": 30}),
+    ("f40c20", None, {"n_filters": 40}),
+    (None, "dd-f30", {"n_filters": 30, "n_ceps": 30}),
+    ("f20c13", "dd-c13", {"n_ceps": 13}),
+    ("k64", "dd-k64", {"n_components": 64}),
+    ("k16", None, {"n_components": 16}),
+    ("unpadded", None, {"score": "unpadded"}),
+    ("dw5", None, {"delta_width": 5}),
+]
 B = Variant()
-VARIANTS: dict[str, Variant] = {
-    "base": B,
-    "base-s1": replace(B, seed=1),
-    "base-s2": replace(B, seed=2),
-    "nopre": replace(B, preemphasis=0.0),
-    "cmn": replace(B, cmn="mean"),
-    "cmvn": replace(B, cmn="meanvar"),
-    "noc0": replace(B, drop_c0=True),
-    "static": replace(B, deltas="s"),
-    "sd": replace(B, deltas="sd"),
-    "dd": replace(B, deltas="dd"),
-    "vad30": replace(B, vad_db=30.0),
-    "vad40": replace(B, vad_db=40.0),
-    "mel": replace(B, scale="mel"),
-    "imel": replace(B, scale="imel"),
-    "log": replace(B, scale="log"),
-    "band300-3400": replace(B, f_min=300.0, f_max=3400.0),
-    "f30c20": replace(B, n_filters=30),
-    "f40c20": replace(B, n_filters=40),
-    "f20c13": replace(B, n_ceps=13),
-    "k64": replace(B, n_components=64),
-    "k16": replace(B, n_components=16),
-    "unpadded": replace(B, score="unpadded"),
-    "dw5": replace(B, delta_width=5),
-}
-D = replace(B, deltas="dd")
-VARIANTS |= {
-    "dd-s1": replace(D, seed=1),
-    "dd-s2": replace(D, seed=2),
-    "dd-band": replace(D, f_min=300.0, f_max=3400.0),
-    "dd-vad30": replace(D, vad_db=30.0),
-    "dd-noc0": replace(D, drop_c0=True),
-    "dd-k64": replace(D, n_components=64),
-    "dd-mel": replace(D, scale="mel"),
-    "d-only": replace(B, deltas="d"),
-    "d2-only": replace(B, deltas="d2"),
-    "sdd0": replace(B, deltas="sdd0"),
-    "dd-f30": replace(D, n_filters=30, n_ceps=30),
-    "dd-c13": replace(D, n_ceps=13),
-    "dd-nopre": replace(D, preemphasis=0.0),
-}
+D = B.but(deltas="dd")  # the deltas-only front end, the second round's base
+VARIANTS: dict[str, Variant] = {"base": B}
+VARIANTS |= {name: B.but(**change) for name, _, change in _CHANGES if name}
+VARIANTS |= {name: D.but(**change) for _, name, change in _CHANGES if name}
 VARIANTS |= {f"{k}+mics": replace(VARIANTS[k], channel="mics")
              for k in ("base", "dd", "cmn", "sdd0", "dd-vad30", "dd-band", "band300-3400")}
 
@@ -333,12 +351,13 @@ def parse_override(spec: str) -> tuple[str, Variant]:
     name, _, rest = spec.partition("=")
     parent, _, kvs = rest.partition(":")
     v = VARIANTS[parent]
+    current = v.params()
     kwargs: dict[str, Any] = {}
     for kv in filter(None, kvs.split(",")):
         k, _, val = kv.partition("=")
-        typ = type(getattr(v, k))
+        typ = type(current[k])
         kwargs[k] = (val.lower() in ("1", "true")) if typ is bool else typ(val)
-    return name, replace(v, **kwargs)
+    return name, v.but(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
+from typing import Unpack
 
 import grpc
 
 from callshield.v1 import detection_pb2 as pb
-from client.audio import CHUNK_SECONDS, file_stream
+from client.audio import StreamFileOptions, file_stream
 from client.connection import BaseClient
 
 
@@ -87,15 +88,15 @@ class AsyncDetectionClient(BaseClient):
             call.cancel()
 
     async def stream_file(
-        self, path: str | Path, *, split: bool = False, realtime: bool = False,
-        call_id: str | None = None, alert_threshold: float = 0.0,
-        chunk_seconds: float = CHUNK_SECONDS,
+        self, path: str | Path, **options: Unpack[StreamFileOptions],
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``."""
-        config, chunks = file_stream(path, split=split, call_id=call_id,
-                                     alert_threshold=alert_threshold, chunk_seconds=chunk_seconds)
-        source = _paced(chunks, chunk_seconds) if realtime else chunks
-        async for response in self.stream(config, source):
+        """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``
+        (keywords: :class:`client.audio.StreamFileOptions`)."""
+        sent = file_stream(path, **options)
+        source: Iterable[bytes] | AsyncIterable[bytes] = sent.chunks
+        if sent.pace_seconds is not None:
+            source = _paced(sent.chunks, sent.pace_seconds)
+        async for response in self.stream(sent.config, source):
             yield response
 
     async def detect(

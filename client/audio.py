@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import soundfile
@@ -54,11 +55,38 @@ def read_audio(path: str | Path) -> AudioFile:
     return AudioFile(pcm, int(rate))
 
 
+class StreamFileOptions(TypedDict, total=False):
+    """The keywords of both clients' ``stream_file``, typed once; defaults in :func:`file_stream`.
+
+    ``split``: a stereo file carries one party per channel (CHANNEL_MODE_SPLIT) rather than a
+    mixed call; ``realtime``: release the chunks at the pace of a live call, for latency
+    figures; ``call_id``: the id the server logs (random if absent); ``alert_threshold``:
+    the stream's alert threshold (0: the server's); ``chunk_seconds``: audio per request.
+    """
+
+    split: bool
+    realtime: bool
+    call_id: str | None
+    alert_threshold: float
+    chunk_seconds: float
+
+
+@dataclass(frozen=True)
+class FileStream:
+    """What a client's ``stream_file`` sends: the config, the chunks and their pacing, so the
+    sync and asyncio clients differ only in how they wait between chunks."""
+
+    config: pb.StreamConfig
+    chunks: Iterator[bytes]
+    pace_seconds: float | None  # seconds between chunks, None: as fast as the call accepts
+
+
 def file_stream(
-    path: str | Path, *, split: bool, call_id: str | None, alert_threshold: float,
-    chunk_seconds: float,
-) -> tuple[pb.StreamConfig, Iterator[bytes]]:
-    """What both clients' ``stream_file`` sends for ``path``: its config and its chunks."""
+    path: str | Path, *, split: bool = False, realtime: bool = False,
+    call_id: str | None = None, alert_threshold: float = 0.0,
+    chunk_seconds: float = CHUNK_SECONDS,
+) -> FileStream:
+    """What both clients' ``stream_file`` sends for ``path`` (see :class:`StreamFileOptions`)."""
     audio = read_audio(path)
     config = audio.config(split=split, call_id=call_id, alert_threshold=alert_threshold)
-    return config, audio.chunks(chunk_seconds)
+    return FileStream(config, audio.chunks(chunk_seconds), chunk_seconds if realtime else None)

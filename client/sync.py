@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Unpack
 
 import grpc
 
 from callshield.v1 import detection_pb2 as pb
-from client.audio import CHUNK_SECONDS, file_stream
+from client.audio import StreamFileOptions, file_stream
 from client.connection import BaseClient
 
 
@@ -60,14 +61,14 @@ class DetectionClient(BaseClient):
             wait_for_ready=wait_for_ready)
 
     def stream_file(
-        self, path: str | Path, *, split: bool = False, realtime: bool = False,
-        call_id: str | None = None, alert_threshold: float = 0.0,
-        chunk_seconds: float = CHUNK_SECONDS,
+        self, path: str | Path, **options: Unpack[StreamFileOptions],
     ) -> Iterator[pb.StreamDetectResponse]:
-        """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``."""
-        config, chunks = file_stream(path, split=split, call_id=call_id,
-                                     alert_threshold=alert_threshold, chunk_seconds=chunk_seconds)
-        return self.stream(config, paced(chunks, chunk_seconds) if realtime else chunks)
+        """Stream a WAV/FLAC file in chunks, paced like a live call when ``realtime``
+        (keywords: :class:`client.audio.StreamFileOptions`)."""
+        sent = file_stream(path, **options)
+        if sent.pace_seconds is None:
+            return self.stream(sent.config, sent.chunks)
+        return self.stream(sent.config, paced(sent.chunks, sent.pace_seconds))
 
     def detect(self, audio: bytes, config: pb.StreamConfig | None = None,
                timeout: float | None = None) -> pb.DetectResponse:

@@ -15,10 +15,11 @@ import numpy as np
 
 from models.data.asvspoof import ProtocolError, Trial, audio_path, read_protocol
 from models.data.audio import AudioError, load_audio, repeat_pad
+from models.errors import ModelError
 from models.inference import ModelNotFoundError
 
 
-class UsageError(Exception):
+class UsageError(ModelError):
     pass
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from models.architectures.scorer import Scorer, official_scorer, scorer_class, scorer_path
+from models.errors import ModelError
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
@@ -46,7 +47,7 @@ NAMED_MODELS = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(ModelError, FileNotFoundError):
     pass
 
 

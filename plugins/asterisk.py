@@ -24,6 +24,7 @@ import itertools
 from dataclasses import dataclass
 
 from plugins.core import SpoofAlert
+from plugins.errors import PluginError
 
 AMI_TIMEOUT_SECONDS = 5.0
 
@@ -37,7 +38,7 @@ def alert_variables(alert: SpoofAlert) -> dict[str, str]:
             "SPOOF_SPEAKER": alert.speaker}
 
 
-class AsteriskError(Exception):
+class AsteriskError(PluginError):
     pass
 
 

@@ -43,6 +43,7 @@ from plugins.delivery import (
     SpoofAlert,
     summary_event,
 )
+from plugins.errors import PluginError
 from plugins.protocols.events import AudioFormat
 from plugins.webhook import WebhookSender
 
@@ -64,7 +65,7 @@ def forward_metric(plugin: str, seconds: float) -> None:
 FailureHook = Callable[[str], Awaitable[None]]
 
 
-class DetectorGone(Exception):
+class DetectorGone(PluginError):
     """The detection stream of this call has failed; the call should end its connection."""
 
 

@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from plugins.errors import PluginError
+
 REQUIRED = ("@request-target", "@authority", "audiohook-organization-id",
             "audiohook-session-id", "audiohook-correlation-id", "x-api-key")
 MAX_AGE_SECONDS = 10  # as Genesys' reference server: a signature is used at once
@@ -30,7 +32,7 @@ _KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
 _TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*")
 
 
-class SignatureError(ValueError):
+class SignatureError(PluginError, ValueError):
     """A header field that is not the structured field AudioHook sends."""
 
 

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from models.architectures.scorer import WaveScorer
 from models.data.audio import resample
+from models.errors import ModelError
 
 WHISPER_RATE = 16000
 N_FFT, HOP, N_MELS = 400, 160, 80
@@ -33,7 +34,7 @@ _ARCH = "whisper_lr"
 _STATE_VERSION = 1
 
 
-class EncoderUnavailable(RuntimeError):
+class EncoderUnavailable(ModelError, RuntimeError):
     """The package carrying the encoder weights, or ctranslate2, is not installed."""
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.data.audio import AudioError, load_audio, random_crop, repeat_pad
+from models.errors import ModelError
 
 Split = Literal["train", "dev", "eval"]
 PROTOCOL_NAMES = {
@@ -44,7 +45,7 @@ class Trial:
         return self.label == BONAFIDE
 
 
-class ProtocolError(ValueError):
+class ProtocolError(ModelError, ValueError):
     pass
 
 

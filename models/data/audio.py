@@ -22,6 +22,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from models.errors import ModelError
+
 __all__ = [
     "SAMPLE_BYTES",
     "AudioError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class AudioError(ValueError):
+class AudioError(ModelError, ValueError):
     """Audio that cannot be used, with the item named in the message."""
 
 

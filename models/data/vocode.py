@@ -33,6 +33,7 @@ import torch
 
 from models.data.asvspoof import Trial, audio_path, read_protocol
 from models.data.audio import load_audio, resample
+from models.errors import ModelError
 
 VOCODER_RATE = 22050
 
@@ -59,7 +60,7 @@ VOCODERS: dict[str, VocoderSpec] = {
 }
 
 
-class VocoderUnavailable(RuntimeError):
+class VocoderUnavailable(ModelError, RuntimeError):
     """The package that carries a vocoder's weights is not installed."""
 
 

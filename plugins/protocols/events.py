@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from callshield.v1 import detection_pb2 as pb
+from plugins.errors import PluginError
 
 # WebSocket close codes (RFC 6455) that the platforms' protocol errors map to
 NORMAL = 1000
@@ -24,7 +25,7 @@ INTERNAL_ERROR = 1011
 Outbound = str | bytes  # what to write back, ready for the wire
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(PluginError):
     """A platform broke its protocol: ends that one connection. ``reason`` labels the
     metric; ``code`` is the WebSocket close code (RFC 6455) where the transport has one."""
 
