@@ -136,8 +136,9 @@ class EvidenceRule(_Common):
     speech alone let a cloned voice's short turns at the end of a call go unflagged.
     Chosen on the 10 dev calls (bench/results/diarization.md): with oracle turns all 7 spoof
     calls flagged, no bona fide voice, median delay 2.9 s (the EMA rule: 3.4 s); with the
-    streaming diarizer 5/7 and one call with a bona fide voice flagged (EMA: 6/7 and 3).
-    Level 6 doubled the delays; level 2 flagged genuine voices.
+    streaming diarizer all 7 and none (EMA: all 7, and one call with a genuine voice
+    flagged). Level 6 doubled the delays; level 2 flagged genuine voices. The weights assume
+    the default 1 s hop: a client hop of several seconds lets one window weigh more.
     """
 
     level: float = 4.0
