@@ -60,6 +60,7 @@ VOCODED = REPO_ROOT / "runs" / "vocoded" / "train"
 NEURAL_RECIPES = {
     "rawnet2": REPO_ROOT / "models" / "configs" / "rawnet2_tel.yaml",
     "rawnet2-voc": REPO_ROOT / "models" / "configs" / "rawnet2_tel_voc.yaml",
+    "lcnn": REPO_ROOT / "models" / "configs" / "lcnn_tel.yaml",
 }
 
 

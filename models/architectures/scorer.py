@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = {
     "rawnet2": "models.architectures.rawnet2:RawNet2Scorer",
     "aasist": "models.architectures.aasist:AASISTScorer",
+    "lcnn": "models.architectures.lcnn:LCNNScorer",
     "lfcc_gmm": "models.architectures.lfcc_gmm:LFCCGMMScorer",
     "whisper_lr": "models.architectures.whisper:WhisperLRScorer",
     "fusion": "models.architectures.fusion:FusionScorer",

@@ -1,6 +1,7 @@
-"""The spoof-detection training task for neural countermeasures (RawNet2, AASIST).
+"""The spoof-detection training task for neural countermeasures (RawNet2, AASIST, LCNN).
 
-Weighted cross-entropy (bona fide weighted 9x spoof, as the official recipes), Adam,
+Weighted cross-entropy (bona fide weighted 9x spoof, as the official recipes) or the
+one-class softmax (``optim.loss: oc-softmax``), Adam,
 telephone-channel augmentation, random short crops. Resumable: ``RUN_DIR/last.pt`` holds
 model, optimiser and epoch after every epoch; ``RUN_DIR/best.pt`` the best on dev EER.
 """
@@ -98,6 +99,16 @@ def _augmenter(config: TrainConfig, sample_rate: int) -> Any:
     return TelephoneAugment(AugmentConfig.from_dict(config.augment), sample_rate)
 
 
+def _loss(config: TrainConfig, class_weight: torch.Tensor) -> Any:
+    if config.optim.loss == "oc-softmax":
+        from models.architectures.lcnn import oc_softmax_loss
+
+        alpha = float(config.model.get("alpha", 20.0))
+        return lambda logits, y: oc_softmax_loss(logits, y, alpha, config.optim.margins,
+                                                 class_weight)
+    return lambda logits, y: F.cross_entropy(logits, y, weight=class_weight)
+
+
 def eer_by_system(scores: np.ndarray, labels: np.ndarray, systems: list[str]) -> dict[str, float]:
     """Pooled EER and the EER of each spoof system against all bona fide trials."""
     bona = scores[labels == 1]
@@ -155,6 +166,7 @@ def train(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
     class_weight = torch.tensor([1.0, config.optim.bonafide_weight], device=device)
+    loss_fn = _loss(config, class_weight)
     result = TrainResult(run_dir)
     start_epoch = 0
     last_path = run_dir / "last.pt"
@@ -189,7 +201,7 @@ def train(
                 offset = int(crop_rng.integers(0, window - length + 1))
                 x = x[:, offset : offset + length]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y, weight=class_weight)
+            loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

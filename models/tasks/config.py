@@ -47,6 +47,10 @@ class OptimConfig:
     lr_schedule: str = "constant"  # or "cosine" (to zero at the last epoch)
     weight_decay: float = 1e-4
     bonafide_weight: float = 9.0  # official recipes: CE weights [0.1, 0.9]
+    # "ce": cross-entropy on the two logits; "oc-softmax": the one-class loss of
+    # models.architectures.lcnn (bona fide cosine above margins[0], spoofs below margins[1]).
+    loss: str = "ce"
+    margins: tuple[float, float] = (0.9, 0.2)
     seed: int = 0
     threads: int = 2
     # "dev": export the epoch with the best dev EER; "last": the last epoch. Dev shares its
@@ -83,6 +87,9 @@ class TrainConfig:
         optim = OptimConfig(**(raw.pop("optim", None) or {}))
         if optim.select not in ("dev", "last"):
             raise ValueError(f"optim.select must be dev or last: {optim.select}")
+        if optim.loss not in ("ce", "oc-softmax"):
+            raise ValueError(f"optim.loss must be ce or oc-softmax: {optim.loss}")
+        optim.margins = (float(optim.margins[0]), float(optim.margins[1]))
         if optim.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.lr_schedule must be constant or cosine: {optim.lr_schedule}")
         return cls(data=data, optim=optim, **raw)
