@@ -165,7 +165,7 @@ class StreamingDiarizer:
                 raise ValueError(f"audio at {self.output_rate} Hz is needed besides the "
                                  f"{self.input_rate} Hz heard")
             audio = heard
-        self._pending_out = np.concatenate([self._pending_out, audio.astype(np.float32)])
+        self._pending_out = np.concatenate([self._pending_out, np.asarray(audio, np.float32)])
         self._received_out += audio.shape[0]
         up = self._resampler.push(heard[:, None])[0]
         self._pending16 = np.concatenate([self._pending16, up])
