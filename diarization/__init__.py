@@ -3,3 +3,5 @@
 Importing this package is cheap; everything that needs pyannote.audio imports it lazily
 (``import pyannote.audio`` costs ~11 s), so a server with diarization off never pays for it.
 """
+
+MODEL_RATE = 16000  # what the segmentation and embedding models hear

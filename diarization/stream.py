@@ -35,11 +35,11 @@ import structlog
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from diarization import MODEL_RATE
 from diarization.embedding import ResemblyzerEmbedding
 from diarization.paths import SEGMENTATION_CHECKPOINT
 from models.data.audio import StreamResampler
 
-MODEL_RATE = 16000  # segmentation and embedding models
 log = structlog.get_logger("callshield.diarization.stream")
 
 
@@ -117,21 +117,29 @@ class _Centroid:
 
 @dataclass
 class StreamingDiarizer:
-    """Diarization of one call, fed audio at ``sample_rate``; see the module docstring."""
+    """Diarization of one call; see the module docstring.
+
+    It listens to audio at ``input_rate`` (resampled here, once, to the models' 16 kHz) and
+    hands back audio and labels at ``output_rate`` (0: ``input_rate``). The two differ in the
+    server: the diarizer hears the client's own rate, so a 16 or 48 kHz client keeps its
+    4-8 kHz band for the voice embeddings, while the lanes get the spoof model's rate.
+    """
 
     models: DiarizationModels
-    sample_rate: int
+    input_rate: int
     config: StreamConfig = field(default_factory=StreamConfig)
+    output_rate: int = 0
 
     def __post_init__(self) -> None:
         c = self.config
-        self._resampler = StreamResampler(self.sample_rate, MODEL_RATE)
+        self.output_rate = self.output_rate or self.input_rate
+        self._resampler = StreamResampler(self.input_rate, MODEL_RATE)
         self._buffer = np.zeros(int(c.buffer_seconds * MODEL_RATE), np.float32)
         self._step = int(round(c.step_seconds * MODEL_RATE))
         self._pending16 = np.zeros(0, np.float32)  # 16 kHz audio not yet in the buffer
-        self._pending_in = np.zeros(0, np.float32)  # input-rate audio not yet emitted
-        self._received_in = 0  # input samples received
-        self._emitted_in = 0  # input samples emitted (labelled) so far
+        self._pending_out = np.zeros(0, np.float32)  # output-rate audio not yet emitted
+        self._received_out = 0  # output samples received
+        self._emitted_out = 0  # output samples emitted (labelled) so far
         self._buffer_end = 0.0  # call time of the buffer's last sample
         self._last_labels: np.ndarray | None = None
         self._centroids: list[_Centroid] = []
@@ -141,14 +149,25 @@ class StreamingDiarizer:
 
     # -- public -------------------------------------------------------------------------------
 
-    def push(self, audio: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Feed input-rate audio; returns ``(audio, labels)`` per finished step, ``labels`` a
-        per-sample int array (-1: nobody or overlap, k: ``self.speakers[k]``), for the call
-        time up to ``latency`` behind the newest step."""
-        audio = np.ascontiguousarray(audio, dtype=np.float32)
-        self._pending_in = np.concatenate([self._pending_in, audio])
-        self._received_in += audio.shape[0]
-        up = self._resampler.push(audio[:, None])[0]
+    def push(self, heard: np.ndarray,
+             audio: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Feed the next stretch of the call: ``heard`` at ``input_rate`` (what is diarized)
+        and the same stretch at ``output_rate`` (what is handed back; ``None``: ``heard``,
+        when the two rates are one). Returns ``(audio, labels)`` per finished step, ``labels``
+        a per-sample int array over the output-rate ``audio`` (-1: nobody or overlap, k:
+        ``self.speakers[k]``), for the call time up to ``latency`` behind the newest step.
+
+        The two streams are matched by call time, not by count: a resampler upstream may hold
+        back a few samples of ``audio`` (its filter delay) and hand them over later."""
+        heard = np.ascontiguousarray(heard, dtype=np.float32)
+        if audio is None:
+            if self.input_rate != self.output_rate:
+                raise ValueError(f"audio at {self.output_rate} Hz is needed besides the "
+                                 f"{self.input_rate} Hz heard")
+            audio = heard
+        self._pending_out = np.concatenate([self._pending_out, np.asarray(audio, np.float32)])
+        self._received_out += audio.shape[0]
+        up = self._resampler.push(heard[:, None])[0]
         self._pending16 = np.concatenate([self._pending16, up])
         out = []
         while self._pending16.shape[0] >= self._step:
@@ -171,23 +190,24 @@ class StreamingDiarizer:
             labels = self._process(n)
         if labels is None:
             labels = np.full(1, -1)
-        return self._emit(labels, self._received_in / self.sample_rate, final=True)
+        return self._emit(labels, None)
 
-    def _emit(self, frame_labels: np.ndarray, until: float,
-              final: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Input-rate audio from the last emitted sample up to call time ``until``, each sample
-        labelled by the buffer frame that covers it."""
-        target = self._received_in if final else min(int(until * self.sample_rate),
-                                                     self._received_in)
-        n = target - self._emitted_in
+    def _emit(self, frame_labels: np.ndarray,
+              until: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Output-rate audio from the last emitted sample up to call time ``until`` (``None``:
+        all received), each sample labelled by the buffer frame that covers it."""
+        rate = self.output_rate
+        target = self._received_out if until is None else min(int(until * rate),
+                                                               self._received_out)
+        n = target - self._emitted_out
         if n <= 0:
             return []
-        chunk, self._pending_in = self._pending_in[:n], self._pending_in[n:]
-        times = (self._emitted_in + np.arange(n)) / self.sample_rate
+        chunk, self._pending_out = self._pending_out[:n], self._pending_out[n:]
+        times = (self._emitted_out + np.arange(n)) / rate
         buffer_start = self._buffer_end - self.config.buffer_seconds
         frames = frame_labels.shape[0]
         idx = ((times - buffer_start) / self.config.buffer_seconds * frames).astype(int)
-        self._emitted_in = target
+        self._emitted_out = target
         return [(chunk, frame_labels[np.clip(idx, 0, frames - 1)])]
 
     def _process(self, new_samples: int) -> np.ndarray:
@@ -281,8 +301,9 @@ class StreamingDiarizer:
 def diarize_stream(diarizer: StreamingDiarizer, audio: np.ndarray,
                    chunk_seconds: float = 0.1) -> list[tuple[float, float, str]]:
     """Run a whole recording through ``diarizer`` in ``chunk_seconds`` pieces (as a live call
-    arrives) -> speech turns ``(start, end, label)``; for the benchmark and tests."""
-    rate = diarizer.sample_rate
+    arrives) -> speech turns ``(start, end, label)``; for the benchmark and tests. ``audio``
+    at the diarizer's ``input_rate``, which must be its ``output_rate``."""
+    rate = diarizer.input_rate
     step = max(1, int(chunk_seconds * rate))
     labels = []
     for start in range(0, audio.shape[0], step):

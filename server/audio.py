@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,23 +61,37 @@ def pcm_from_bytes(data: bytes, encoding: int, channels: int) -> np.ndarray:
     return pcm_decode(data, ENCODINGS[encoding][0]).reshape(-1, channels)
 
 
+class Decoded(NamedTuple):
+    """One decoded chunk: ``channels`` at the model's rate (what the lanes score) and, when
+    the decoder was asked for it, the chunk downmixed to ``mono`` at another rate (what a
+    diarizer of a MIXED stream hears: the client's own rate, so a 16 or 48 kHz client keeps
+    the band above 4 kHz that the spoof model's 8 kHz drops)."""
+
+    channels: list[np.ndarray]
+    mono: np.ndarray | None = None
+
+
 class StreamDecoder:
-    """Chunks of one stream -> one float32 waveform per speaker channel at ``target_rate``.
+    """Chunks of one stream -> one float32 waveform per speaker channel at ``target_rate``,
+    and the downmixed mono at ``mono_rate`` when given.
 
     SPLIT mode yields one channel per party; MIXED mode downmixes to a single channel.
     """
 
     def __init__(
-        self, encoding: int, sample_rate: int, channels: int, split: bool, target_rate: int
+        self, encoding: int, sample_rate: int, channels: int, split: bool, target_rate: int,
+        mono_rate: int | None = None,
     ) -> None:
         check_format(encoding, sample_rate, channels)
         self.encoding, self.channels, self.split = encoding, channels, split
         self._resampler = StreamResampler(sample_rate, target_rate, channels, split)
+        self._mono = None if mono_rate is None else StreamResampler(sample_rate, mono_rate,
+                                                                    channels)
         self.outputs = self._resampler.outputs
         self.frames_in = 0
         self.sample_rate = sample_rate
 
-    def decode(self, data: bytes, last: bool = False) -> list[np.ndarray]:
+    def decode(self, data: bytes, last: bool = False) -> Decoded:
         if not data and not last:
             raise InvalidAudio("empty audio chunk")
         if len(data) > MAX_CHUNK_BYTES:
@@ -85,9 +100,10 @@ class StreamDecoder:
             )
         pcm = pcm_from_bytes(data, self.encoding, self.channels)
         self.frames_in += pcm.shape[0]
-        return self._resampler.push(pcm, last)
+        mono = None if self._mono is None else self._mono.push(pcm, last)[0]
+        return Decoded(self._resampler.push(pcm, last), mono)
 
-    def flush(self) -> list[np.ndarray]:
+    def flush(self) -> Decoded:
         """The resamplers' tail, at the end of the stream."""
         return self.decode(b"", last=True)
 
@@ -160,24 +176,38 @@ def container_info(data: bytes) -> ContainerInfo:
                          None if frames == UNKNOWN_FRAMES else frames)
 
 
+class Recording(NamedTuple):
+    """A decoded Detect recording: float32 ``(frames, outputs)`` at the model's rate and, when
+    asked for, the downmixed ``mono`` at another rate (what offline diarization hears)."""
+
+    audio: np.ndarray
+    mono: np.ndarray | None = None
+
+
 class BlockResampler:
     """Float blocks ``(frames, channels)`` at one rate -> float32 ``(frames, outputs)`` at
-    another, downmixed unless ``split``. Streaming, so a whole recording is never held at its
-    source rate: memory is what the model will score."""
+    another, downmixed unless ``split``, and the downmixed mono at ``mono_rate`` when given.
+    Streaming, so a whole recording is never held at its source rate: memory is what the
+    models will read."""
 
-    def __init__(self, rate_in: int, rate_out: int, channels: int, split: bool) -> None:
+    def __init__(self, rate_in: int, rate_out: int, channels: int, split: bool,
+                 mono_rate: int | None = None) -> None:
         self._resampler = StreamResampler(rate_in, rate_out, channels, split)
+        self._mono = None if mono_rate is None else StreamResampler(rate_in, mono_rate, channels)
         self._parts: list[list[np.ndarray]] = [[] for _ in range(self._resampler.outputs)]
+        self._mono_parts: list[np.ndarray] = []
 
-    def push(self, block: np.ndarray) -> None:
-        for part, out in zip(self._parts, self._resampler.push(block), strict=True):
+    def push(self, block: np.ndarray, last: bool = False) -> None:
+        for part, out in zip(self._parts, self._resampler.push(block, last), strict=True):
             part.append(out)
+        if self._mono is not None:
+            self._mono_parts += self._mono.push(block, last)
 
-    def result(self) -> np.ndarray:
-        """Everything pushed, flushed: float32 ``(frames, outputs)``."""
-        for part, out in zip(self._parts, self._resampler.flush(), strict=True):
-            part.append(out)
-        return np.stack([np.concatenate(part) for part in self._parts], axis=1)
+    def result(self) -> Recording:
+        """Everything pushed, flushed."""
+        self.push(np.zeros((0, self._resampler.channels), np.float32), last=True)
+        audio = np.stack([np.concatenate(part) for part in self._parts], axis=1)
+        return Recording(audio, None if self._mono is None else np.concatenate(self._mono_parts))
 
 
 DECODE_BLOCK_SECONDS = 10.0  # a cancelled Detect stops decoding within one block
@@ -185,12 +215,13 @@ DECODE_BLOCK_SECONDS = 10.0  # a cancelled Detect stops decoding within one bloc
 
 def decode_container(
     data: bytes, rate_out: int, split: bool, max_seconds: float,
-    cancel: threading.Event | None = None,
-) -> np.ndarray:
-    """WAV or FLAC bytes -> float32 ``(frames, outputs)`` at ``rate_out``, decoded block by
-    block: stops with :class:`InvalidAudio` as soon as more than ``max_seconds`` came out
-    (whatever the header claimed), and with :class:`DecodeCancelled` once ``cancel`` is set.
-    Blocking: run it in a worker thread."""
+    cancel: threading.Event | None = None, mono_rate: int | None = None,
+) -> Recording:
+    """WAV or FLAC bytes -> float32 ``(frames, outputs)`` at ``rate_out`` (and the mono at
+    ``mono_rate`` when given, from the same blocks), decoded block by block: stops with
+    :class:`InvalidAudio` as soon as more than ``max_seconds`` came out (whatever the header
+    claimed), and with :class:`DecodeCancelled` once ``cancel`` is set. Blocking: run it in a
+    worker thread."""
     import io
 
     import soundfile
@@ -199,7 +230,7 @@ def decode_container(
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             rate, channels = int(f.samplerate), int(f.channels)
             check_header_duration(f.frames, rate, max_seconds)
-            out = BlockResampler(rate, rate_out, channels, split)
+            out = BlockResampler(rate, rate_out, channels, split, mono_rate)
             block_frames = int(DECODE_BLOCK_SECONDS * rate)
             total = 0
             while True:
@@ -222,14 +253,14 @@ def decode_container(
 
 def decode_raw(
     data: bytes, encoding: int, rate_in: int, channels: int, rate_out: int, split: bool,
-    max_seconds: float, cancel: threading.Event | None = None,
-) -> np.ndarray:
+    max_seconds: float, cancel: threading.Event | None = None, mono_rate: int | None = None,
+) -> Recording:
     """Raw encoded samples (a Detect with a config) -> like :func:`decode_container`; the
     duration is known from the byte count, so an over-long payload is refused before any
     decoding."""
     size = frame_bytes(data, encoding, channels)
     check_duration(len(data) // size, rate_in, max_seconds)
-    out = BlockResampler(rate_in, rate_out, channels, split)
+    out = BlockResampler(rate_in, rate_out, channels, split, mono_rate)
     step = int(DECODE_BLOCK_SECONDS * rate_in) * size
     for start in range(0, len(data), step):
         if cancel is not None and cancel.is_set():

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -25,6 +25,8 @@ from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector
 from server import metrics
 from server.audio import (
+    Decoded,
+    Recording,
     StreamDecoder,
     check_header_duration,
     container_info,
@@ -46,7 +48,7 @@ from server.memory import trim_heap
 from server.queue.base import InferenceQueue, QueueUnavailable
 from server.session import Session
 from server.settings import parse_settings
-from server.speakers import Diarization, SpeakerAttributor
+from server.speakers import DIARIZATION_RATE, Diarization, SpeakerAttributor
 
 DETECT_FEED_SECONDS = 1.0  # Detect feeds a recording to its session in slices this long
 log = structlog.get_logger("callshield.service")
@@ -128,14 +130,14 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         ``attributor`` (offline turns, for Detect) is given."""
         settings = parse_settings(config, self.detector.window_seconds)
         if attributor is None and not settings.split and self.diarization is not None:
-            attributor = self.diarization.stream_attributor()
+            attributor = self.diarization.stream_attributor(settings.sample_rate)
         return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
                        max_inflight=self.config.max_inflight_per_stream, attributor=attributor,
                        call_id_logging=self.call_id_logging,
                        verdict_rule=self.config.verdict_rule)
 
     async def _serve(
-        self, session: Session, source: AsyncIterator[Sequence[np.ndarray]],
+        self, session: Session, source: AsyncIterator[Decoded],
     ) -> AsyncIterator[pb.StreamDetectResponse]:
         """Run a session, registered for limits and metrics; errors are logged here and
         become statuses in ``grpc_statuses``."""
@@ -180,9 +182,11 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                 raise InvalidArgument(
                     "the first request must carry a StreamConfig (audio came first)")
             session = self._session(first.config)
+            # the attributor may listen at another rate than the model's (a diarizer hears the
+            # client's own): the decoder hands it that mono beside the model-rate channels
             decoder = StreamDecoder(session.settings.encoding, session.settings.sample_rate,
                                     session.settings.channels, session.settings.split,
-                                    self.detector.sample_rate)
+                                    self.detector.sample_rate, session.attributor.mono_rate)
             source = StreamInput(requests, decoder, self.config.idle_timeout_seconds)
             self.inputs[session.stream_id] = source
             try:
@@ -215,6 +219,10 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         max_seconds = self.config.max_detect_seconds
         rate = self.detector.sample_rate
         cancel = threading.Event()
+        # a MIXED recording is diarized offline first: decoded, from the same blocks, to the
+        # diarizer's rate too, so it hears the client's band rather than the model's
+        diarized = self.diarization is not None and config.channel_mode != pb.CHANNEL_MODE_SPLIT
+        mono_rate = DIARIZATION_RATE if diarized else None
         try:
             if config.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
                 info = container_info(request.audio)
@@ -224,25 +232,26 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                 if info.channels > 2 and config.channel_mode != pb.CHANNEL_MODE_SPLIT:
                     config.channels = 1  # downmixed while decoding
                 settings = parse_settings(config, self.detector.window_seconds)
-                audio = await asyncio.to_thread(
+                recording = await asyncio.to_thread(
                     _decoding, decode_container, request.audio, rate, settings.split,
-                    max_seconds, cancel)
+                    max_seconds, cancel, mono_rate)
             else:
                 settings = parse_settings(config, self.detector.window_seconds)
                 if not request.audio:
                     raise InvalidAudio("empty audio")
-                audio = await asyncio.to_thread(
+                recording = await asyncio.to_thread(
                     _decoding, decode_raw, request.audio, config.encoding, settings.sample_rate,
-                    settings.channels, rate, settings.split, max_seconds, cancel)
+                    settings.channels, rate, settings.split, max_seconds, cancel, mono_rate)
         finally:
             cancel.set()  # the caller is gone (or done): a decoding thread stops at its block
         attributor = None
-        if not settings.split and self.diarization is not None:
+        if self.diarization is not None and recording.mono is not None:
             # a whole recording: diarize it offline first, then score per speaker
-            attributor = await self.diarization.offline_attributor(audio[:, 0])
+            attributor = await self.diarization.offline_attributor(recording.mono)
+            recording = recording._replace(mono=None)  # the turns are all it leaves
         session = self._session(config, attributor)
         response = pb.DetectResponse()
-        async for event in self._serve(session, _slices(audio, rate)):
+        async for event in self._serve(session, _slices(recording.audio, rate)):
             if event.HasField("window"):
                 response.windows.append(event.window)
             elif event.HasField("summary"):
@@ -283,7 +292,7 @@ class StreamInput:
         if self._waiting is not None:
             self._waiting.reschedule(asyncio.get_running_loop().time())  # fire it now
 
-    async def chunks(self) -> AsyncIterator[list[np.ndarray]]:
+    async def chunks(self) -> AsyncIterator[Decoded]:
         while not self.ended_by_server:
             try:
                 async with asyncio.timeout(self.idle_seconds) as self._waiting:
@@ -309,7 +318,7 @@ class StreamInput:
         yield self.decoder.flush()
 
 
-def _decoding(decode: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+def _decoding(decode: Callable[..., Recording], *args: Any) -> Recording:
     """Run ``decode`` (in a worker thread), accounted in the Detect decoding metrics."""
     metrics.DETECT_DECODING.inc()
     started = time.perf_counter()
@@ -323,11 +332,11 @@ def _decoding(decode: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
         metrics.DETECT_DECODING.dec()
 
 
-async def _slices(audio: np.ndarray, rate: int) -> AsyncIterator[list[np.ndarray]]:
+async def _slices(audio: np.ndarray, rate: int) -> AsyncIterator[Decoded]:
     step = int(DETECT_FEED_SECONDS * rate)
     for start in range(0, audio.shape[0], step):
         chunk = audio[start : start + step]
-        yield [np.ascontiguousarray(chunk[:, ch]) for ch in range(chunk.shape[1])]
+        yield Decoded([np.ascontiguousarray(chunk[:, ch]) for ch in range(chunk.shape[1])])
         # silence submits no window, so nothing else would yield: let streams run between
         # the slices of a long recording
         await asyncio.sleep(0)

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
-import numpy as np
 import structlog
 
 from callshield.v1 import detection_pb2 as pb
 from server import metrics
+from server.audio import Decoded
 from server.lanes import Lane, Lanes
 from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, WindowJob, WindowScore
@@ -83,15 +83,15 @@ class Session:
     def audio_seconds(self) -> float:
         return self.lanes.audio_seconds
 
-    async def _attribute(self, channels: Sequence[np.ndarray] | None) -> list[tuple[Lane, Window]]:
+    async def _attribute(self, chunk: Decoded | None) -> list[tuple[Lane, Window]]:
         """Windows completed by one chunk (``None``: the end of the stream)."""
         a = self.attributor
-        if channels is None:
+        if chunk is None:
             parts = await asyncio.to_thread(a.flush) if a.blocking else a.flush()
         elif a.blocking:
-            parts = await asyncio.to_thread(a.attribute, channels)
+            parts = await asyncio.to_thread(a.attribute, chunk.channels, chunk.mono)
         else:
-            parts = a.attribute(channels)
+            parts = a.attribute(chunk.channels, chunk.mono)
         return self.lanes.push(parts)
 
     def summary(self) -> pb.StreamSummary:
@@ -101,9 +101,10 @@ class Session:
             audio_seconds=self.audio_seconds, windows_scored=self.lanes.windows_scored)
 
     async def run(
-        self, source: AsyncIterator[Sequence[np.ndarray]]
+        self, source: AsyncIterator[Decoded]
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        """Responses for ``source`` (model-rate audio per channel), then the summary."""
+        """Responses for ``source`` (model-rate audio per channel, and the mono the attributor
+        listens to at its ``mono_rate``, if any), then the summary."""
         reader = asyncio.create_task(self._read(source))
         try:
             while True:
@@ -134,11 +135,11 @@ class Session:
             with suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    async def _read(self, source: AsyncIterator[Sequence[np.ndarray]]) -> None:
+    async def _read(self, source: AsyncIterator[Decoded]) -> None:
         try:
-            async for channels in source:
+            async for chunk in source:
                 received = time.perf_counter()
-                for lane, window in await self._attribute(channels):
+                for lane, window in await self._attribute(chunk):
                     await self._submit(lane, window, received)
             received = time.perf_counter()
             for lane, window in await self._attribute(None) + self.lanes.flush():

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import structlog
 
+from diarization import MODEL_RATE as DIARIZATION_RATE
 from server.memory import trim_heap
 
 log = structlog.get_logger("callshield.speakers")
@@ -52,17 +53,21 @@ class SpeakerAudio(NamedTuple):
 class SpeakerAttributor(Protocol):
     """Who speaks in the decoded audio: the seam where diarization plugs in for MIXED calls.
 
-    Given one chunk per decoded channel, returns the audio of each speaker it names. Every
-    call returns the same length for all of them, and the lengths add up to call time, so that
-    window times stay call times; a diarizer may lag (return less now, the rest later and in
-    ``flush``) and may name new speakers as the call goes on (``speakers`` grows).
-    ``blocking`` attributors (model inference) run in a worker thread.
+    Given one chunk per decoded channel (at the model's rate), returns the audio of each
+    speaker it names, at that rate. Every call returns the same length for all of them, and
+    the lengths add up to call time, so that window times stay call times; a diarizer may lag
+    (return less now, the rest later and in ``flush``) and may name new speakers as the call
+    goes on (``speakers`` grows). ``blocking`` attributors (model inference) run in a worker
+    thread. An attributor that listens to the audio at another rate than the model's names it
+    in ``mono_rate``, and gets the same stretch downmixed at that rate as ``mono``.
     """
 
     speakers: Sequence[str]
     blocking: bool
+    mono_rate: int | None
 
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]: ...
+    def attribute(self, channels: Sequence[np.ndarray],
+                  mono: np.ndarray | None = None) -> list[SpeakerAudio]: ...
 
     def flush(self) -> list[SpeakerAudio]: ...
 
@@ -71,11 +76,13 @@ class ChannelAttributor:
     """One speaker per channel: SPLIT calls, and MIXED calls with diarization off."""
 
     blocking = False
+    mono_rate = None
 
     def __init__(self, speakers: Sequence[str]) -> None:
         self.speakers = tuple(speakers)
 
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]:
+    def attribute(self, channels: Sequence[np.ndarray],
+                  mono: np.ndarray | None = None) -> list[SpeakerAudio]:
         return [SpeakerAudio(name, audio)
                 for name, audio in zip(self.speakers, channels, strict=True)]
 
@@ -98,7 +105,8 @@ def _split(audio: np.ndarray, labels: np.ndarray,
 
 
 class DiarizingAttributor:
-    """Live diarization of one MIXED stream."""
+    """Live diarization of one MIXED stream: the diarizer hears ``mono`` at its input rate
+    (the client's own, ``mono_rate``) and labels the model-rate channels the lanes get."""
 
     blocking = True
 
@@ -107,6 +115,7 @@ class DiarizingAttributor:
         diarization of the very run whose windows they score."""
         self.diarizer = diarizer
         self.labels: list[np.ndarray] | None = [] if record else None
+        self.mono_rate: int | None = diarizer.input_rate
 
     @property
     def speakers(self) -> Sequence[str]:
@@ -121,8 +130,14 @@ class DiarizingAttributor:
             self.labels.append(labels)
         return _split(audio, labels, self.diarizer.speakers)
 
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]:
-        return self._join(self.diarizer.push(_mono(channels)))
+    def attribute(self, channels: Sequence[np.ndarray],
+                  mono: np.ndarray | None = None) -> list[SpeakerAudio]:
+        """``mono``: the chunk at the diarizer's input rate; ``None``: the channels are at
+        that rate already (a diarizer whose input and output rates are one)."""
+        audio = _mono(channels)
+        if mono is None:
+            return self._join(self.diarizer.push(audio))
+        return self._join(self.diarizer.push(mono, audio))
 
     def flush(self) -> list[SpeakerAudio]:
         return self._join(self.diarizer.flush())
@@ -132,6 +147,7 @@ class TurnsAttributor:
     """Attribution by known speech turns (offline diarization of a whole recording)."""
 
     blocking = False
+    mono_rate = None
 
     def __init__(self, turns: Sequence[tuple[float, float, str]], sample_rate: int) -> None:
         self.speakers = tuple(dict.fromkeys(label for _, _, label in turns))
@@ -140,7 +156,8 @@ class TurnsAttributor:
                        for a, b, lab in turns]
         self._position = 0
 
-    def attribute(self, channels: Sequence[np.ndarray]) -> list[SpeakerAudio]:
+    def attribute(self, channels: Sequence[np.ndarray],
+                  mono: np.ndarray | None = None) -> list[SpeakerAudio]:
         audio = _mono(channels)
         n = audio.shape[0]
         start, end = self._position, self._position + n
@@ -175,11 +192,14 @@ class Diarization:
     _pipeline: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def stream_attributor(self) -> DiarizingAttributor:
+    def stream_attributor(self, client_rate: int) -> DiarizingAttributor:
+        """The diarizer hears the client's audio at ``client_rate`` (resampled once, to the
+        diarization models' 16 kHz) and labels the model-rate audio that the lanes score."""
         from diarization.stream import StreamConfig, StreamingDiarizer
 
         return DiarizingAttributor(StreamingDiarizer(
-            self.models, self.model_rate, StreamConfig(step_seconds=self.step_seconds)))
+            self.models, client_rate, StreamConfig(step_seconds=self.step_seconds),
+            output_rate=self.model_rate))
 
     def _offline_turns(self, audio: np.ndarray,
                        cancel: threading.Event) -> list[tuple[float, float, str]]:
@@ -191,13 +211,16 @@ class Diarization:
             if self._pipeline is None:
                 self._pipeline = load_pipeline(self.pipeline_source or None)
             try:
-                return diarize(self._pipeline, audio, self.model_rate, cancel)
+                return diarize(self._pipeline, audio, DIARIZATION_RATE, cancel)
             finally:
                 trim_heap()  # the pipeline's arrays for a long recording: see server/memory.py
 
     async def offline_attributor(self, audio: np.ndarray) -> TurnsAttributor:
-        """The recording's turns; a caller that goes away (cancel, deadline) stops the
-        diarization thread within one inference batch and frees the pipeline for the next."""
+        """The turns of a recording's mono ``audio`` at :data:`DIARIZATION_RATE` (decoded from the
+        client's samples straight to that rate, so the diarizer hears the client's band, not
+        the spoof model's); the turns are in seconds, so they attribute the model-rate audio.
+        A caller that goes away (cancel, deadline) stops the diarization thread within one
+        inference batch and frees the pipeline for the next."""
         cancel = threading.Event()
         try:
             turns = await asyncio.to_thread(self._offline_turns, audio, cancel)

@@ -132,6 +132,124 @@ def test_pyannote_sample_streaming_der_and_stable_labels(diarization_models: Any
     assert der([(ref, annotation(turns))], collar=0.25) < SAMPLE_STREAM_DER_BOUND
 
 
+# -- the client's rate: the diarizer hears it, the lanes get the model's -----------------------
+
+# 6-22 s of pyannote's sample (16 kHz, both voices take turns): short enough to diarize four
+# times in a test run
+EXCERPT = (6.0, 22.0)
+
+
+@pytest.fixture(scope="module")
+def wideband_pcm() -> np.ndarray:
+    """The excerpt as a 16 kHz client sends it: 16-bit samples at their own rate."""
+    import pyannote.audio
+    import soundfile
+
+    path = Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"
+    pcm, rate = soundfile.read(str(path), dtype="int16")
+    assert rate == 16000 and pcm.ndim == 1
+    return pcm[int(EXCERPT[0] * rate) : int(EXCERPT[1] * rate)]
+
+
+def _stream_through_the_seam(diarization: Any, pcm: np.ndarray, rate: int) -> dict[str, Any]:
+    """A MIXED stream as the server runs it: 0.1 s LINEAR16 chunks decoded by
+    ``StreamDecoder`` (model-rate channels + the mono the attributor asks for) and handed to
+    the stream's attributor; what the lanes would get, and each sample's label."""
+    from callshield.v1 import detection_pb2 as pb
+    from server.audio import StreamDecoder
+
+    attributor = diarization.stream_attributor(rate)
+    attributor.labels = []  # record every label
+    decoder = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, rate, 1, False,
+                            diarization.model_rate, attributor.mono_rate)
+    decoded, handed = [], []
+
+    def keep(parts: list[Any]) -> None:
+        for part in parts:
+            assert part.mask is None or part.mask.shape == part.audio.shape
+        if parts:
+            handed.append(parts[0].audio)  # the speakers of a chunk share one array
+
+    step = rate // 10
+    for start in range(0, pcm.shape[0], step):
+        chunk = decoder.decode(pcm[start : start + step].astype("<i2").tobytes())
+        decoded.append(chunk.channels[0])
+        keep(attributor.attribute(chunk.channels, chunk.mono))
+    tail = decoder.flush()
+    decoded.append(tail.channels[0])
+    keep(attributor.attribute(tail.channels, tail.mono))
+    keep(attributor.flush())
+    return {"attributor": attributor, "decoded": np.concatenate(decoded),
+            "handed": np.concatenate(handed), "labels": np.concatenate(attributor.labels)}
+
+
+@pytest.fixture(scope="module")
+def telephone_excerpt(diarization_models: Any, wideband_pcm: np.ndarray) -> dict[str, Any]:
+    """The excerpt at 8 kHz through the server's seam and through the bare diarizer."""
+    from diarization.stream import StreamingDiarizer, diarize_stream
+    from models.data.audio import resample
+    from server.speakers import Diarization
+
+    pcm = np.clip(np.rint(resample(wideband_pcm / 32768, 16000, 8000) * 32768),
+                  -32768, 32767).astype(np.int16)
+    seam = _stream_through_the_seam(Diarization(diarization_models, 8000), pcm, 8000)
+    bare = StreamingDiarizer(diarization_models, 8000)
+    seam["bare_turns"] = diarize_stream(bare, pcm.astype(np.float32) / 32768)
+    return seam
+
+
+def test_telephone_stream_is_diarized_as_before(telephone_excerpt: dict[str, Any]) -> None:
+    """At 8 kHz the client's rate is the model's: the server's seam (decoder mono + model-rate
+    channels) labels every sample as the diarizer fed the call alone, the path the quality
+    bounds above measure."""
+    from diarization.stream import turns_from_labels
+
+    seam = telephone_excerpt
+    diarizer = seam["attributor"].diarizer
+    assert (diarizer.input_rate, diarizer.output_rate) == (8000, 8000)
+    np.testing.assert_array_equal(seam["handed"], seam["decoded"])
+    turns = turns_from_labels(seam["labels"], 8000, diarizer.speakers)
+    assert turns == seam["bare_turns"] and diarizer.speakers
+
+
+def test_wideband_stream_is_diarized_at_its_own_rate(
+    diarization_models: Any, wideband_pcm: np.ndarray, telephone_excerpt: dict[str, Any]
+) -> None:
+    """A 16 kHz MIXED stream: the diarizer hears the 16 kHz samples (labels as the diarizer
+    fed them directly gives, not as the 8 kHz version of the call gives), and its labels
+    cover, sample for sample, the 8 kHz audio the decoder made for the lanes."""
+    from diarization.stream import StreamingDiarizer, diarize_stream
+    from server.speakers import Diarization
+
+    seam = _stream_through_the_seam(Diarization(diarization_models, 8000), wideband_pcm, 16000)
+    attributor = seam["attributor"]
+    assert attributor.mono_rate == 16000
+    assert (attributor.diarizer.input_rate, attributor.diarizer.output_rate) == (16000, 8000)
+    # the lanes get exactly the decoder's model-rate audio, each sample labelled once
+    np.testing.assert_array_equal(seam["handed"], seam["decoded"])
+    labels = seam["labels"]
+    assert labels.shape == seam["decoded"].shape == (wideband_pcm.shape[0] // 2,)
+    # each 8 kHz sample has the label that the 16 kHz diarizer gives its time; the few samples
+    # that the resampler to 8 kHz holds back are labelled one step later (by a newer buffer)
+    bare = StreamingDiarizer(diarization_models, 16000)
+    bare_turns = diarize_stream(bare, wideband_pcm.astype(np.float32) / 32768)
+    assert attributor.speakers == tuple(bare.speakers) and len(bare.speakers) >= 2
+    at_16k = _labels_at(bare_turns, bare.speakers, labels.shape[0], 8000)
+    assert np.mean(labels == at_16k) > 0.99
+    # and that is not what the 8 kHz version of the call gives
+    at_8k = _labels_at(telephone_excerpt["bare_turns"], bare.speakers, labels.shape[0], 8000)
+    assert np.mean(at_16k != at_8k) > 0.01
+
+
+def _labels_at(turns: list[tuple[float, float, str]], speakers: list[str], n: int,
+               rate: int) -> np.ndarray:
+    """Per-sample labels (-1: nobody) of ``turns`` over ``n`` samples at ``rate``."""
+    labels = np.full(n, -1)
+    for start, end, label in turns:
+        labels[int(round(start * rate)) : int(round(end * rate))] = speakers.index(label)
+    return labels
+
+
 # The 10 dev calls of ../shared/calls, collar 0.25 s, as bench/results/diarization.md measured
 # them (offline 13.9 %, streaming 19.5 %); the margin (+4 points) absorbs float differences
 # between CPUs in clustering, not a regression of a whole call.
@@ -268,6 +386,44 @@ async def test_dev_calls_verdicts_near_the_measured_values(
     assert bonafide_flagged <= DEV_CALLS_BONAFIDE_FLAGGED, per_call
 
 
+async def test_wideband_mixed_call_end_to_end(
+    diarizing_server: RunningServer, wideband_pcm: np.ndarray, offline_pipeline: Any
+) -> None:
+    """A 16 kHz MIXED call over gRPC, streamed and as a Detect recording: diarized from its
+    16 kHz samples, scored at the model's rate, with call times that cover the whole call
+    (a diarizer that took 8 kHz samples for 16 kHz ones would put every label in its first
+    half)."""
+    import io
+
+    import soundfile
+
+    from callshield.v1 import detection_pb2 as pb
+    from client import AsyncDetectionClient
+    from client.audio import AudioFile
+    from diarization.offline import diarize
+
+    seconds = wideband_pcm.shape[0] / 16000
+    audio = AudioFile(wideband_pcm[:, None], 16000)
+    wav = io.BytesIO()
+    soundfile.write(wav, wideband_pcm, 16000, format="WAV", subtype="PCM_16")
+    async with AsyncDetectionClient(f"127.0.0.1:{diarizing_server.port}") as client:
+        events = [r async for r in client.stream(audio.config(call_id="wideband"),
+                                                 audio.chunks())]
+        detected = await client.detect(wav.getvalue(), pb.StreamConfig(
+            channel_mode=pb.CHANNEL_MODE_MIXED, call_id="wideband-detect"))
+    summary = events[-1].summary
+    streamed = [e.window for e in events if e.WhichOneof("event") == "window"]
+    for result, windows in ((summary, streamed), (detected.summary, list(detected.windows))):
+        speakers = [s.speaker for s in result.speakers]
+        assert result.audio_seconds == pytest.approx(seconds, abs=0.01)
+        assert speakers and set(speakers) <= {"A", "B", "C"} and windows
+        assert {w.speaker for w in windows} <= set(speakers)
+        assert max(r.end_seconds for s in result.speakers for r in s.speech) > 0.75 * seconds
+    # Detect's speakers are those of the offline pipeline on the 16 kHz samples
+    turns = diarize(offline_pipeline, wideband_pcm.astype(np.float32) / 32768, 16000)
+    assert {s.speaker for s in detected.summary.speakers} <= {label for *_, label in turns}
+
+
 @pytest.mark.parametrize("uri", ["call_dev_03", "call_dev_07"])
 async def test_split_stereo_calls_flag_party_b_only(
     diarizing_server: RunningServer, uri: str
@@ -300,3 +456,10 @@ def test_split_streams_skip_diarization_mixed_streams_get_it(
     mixed = servicer._session(pb.StreamConfig(**base, channel_mode=pb.CHANNEL_MODE_MIXED))
     assert isinstance(mixed.attributor, DiarizingAttributor)
     assert tuple(mixed.attributor.speakers) == ()  # labels appear with speech
+    # the diarizer hears the client's rate, the lanes get the model's
+    assert mixed.attributor.mono_rate == 8000
+    wideband = servicer._session(pb.StreamConfig(**base | {"sample_rate_hz": 48000},
+                                                 channel_mode=pb.CHANNEL_MODE_MIXED))
+    assert isinstance(wideband.attributor, DiarizingAttributor)
+    assert wideband.attributor.mono_rate == 48000
+    assert wideband.attributor.diarizer.output_rate == detector.sample_rate == 8000

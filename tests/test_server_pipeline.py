@@ -11,7 +11,7 @@ import soundfile
 import soxr
 
 from callshield.v1 import detection_pb2 as pb
-from models.data.audio import alaw_encode, mulaw_encode
+from models.data.audio import alaw_encode, mulaw_encode, resample
 from server.audio import (
     MAX_CHUNK_BYTES,
     StreamDecoder,
@@ -43,19 +43,56 @@ def test_decoders_agree_on_g711_and_linear16() -> None:
 def test_split_deinterleaves_and_mixed_downmixes() -> None:
     stereo = np.stack([np.full(80, 1000), np.full(80, -3000)], axis=1).astype("<i2")
     split = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 8000, 2, True, 8000).decode(
-        stereo.tobytes())
+        stereo.tobytes()).channels
     assert [round(float(c[0]) * 32768) for c in split] == [1000, -3000]
     mixed = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 8000, 2, False, 8000).decode(
-        stereo.tobytes())
+        stereo.tobytes()).channels
     assert len(mixed) == 1 and round(float(mixed[0][0]) * 32768) == -1000
 
 
 def test_streaming_resampler_keeps_duration() -> None:
     decoder = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 16000, 1, False, 8000)
     chunk = _pcm(1600).astype("<i2").tobytes()
-    total = sum(decoder.decode(chunk)[0].shape[0] for _ in range(10))
-    total += decoder.flush()[0].shape[0]
+    total = sum(decoder.decode(chunk).channels[0].shape[0] for _ in range(10))
+    total += decoder.flush().channels[0].shape[0]
     assert total == 8000
+
+
+def test_mixed_decoder_hands_the_diarizer_the_client_rate_mono() -> None:
+    """A diarized MIXED stream: the lanes get the model's rate, the diarizer the same chunk
+    downmixed at the client's own rate (a 16 kHz client keeps its 4-8 kHz band); at 8 kHz
+    both are the very same samples, so an 8 kHz call is diarized as before."""
+    stereo = _pcm(1600, 2)
+    decoder = StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 16000, 2, False, 8000, 16000)
+    chunks = [decoder.decode(stereo.tobytes()), decoder.flush()]
+    mono = np.concatenate([c.mono for c in chunks if c.mono is not None])
+    np.testing.assert_array_equal(mono, stereo.mean(axis=1, dtype=np.float32) / 32768)
+    assert sum(c.channels[0].shape[0] for c in chunks) == 800
+    assert StreamDecoder(pb.AUDIO_ENCODING_LINEAR16, 16000, 2, False, 8000).decode(
+        stereo.tobytes()).mono is None  # nobody asked: no copy
+    telephone = StreamDecoder(pb.AUDIO_ENCODING_MULAW, 8000, 1, False, 8000, 8000).decode(
+        mulaw_encode(_pcm(800)[:, 0]).tobytes())
+    np.testing.assert_array_equal(telephone.mono, telephone.channels[0])
+
+
+def test_detect_decodes_the_diarizer_mono_straight_to_its_rate() -> None:
+    """Detect decodes a MIXED recording once, block by block, to the model's rate and to the
+    diarizer's 16 kHz. At 48 kHz that is the client's band down to 8 kHz; at 8 kHz it is,
+    to the bit, what offline diarization made of the model-rate audio before (the one-shot
+    resample of it)."""
+    rng = np.random.default_rng(1)
+    pcm = np.clip(rng.normal(0, 0.1, (48000 * 12, 2)) * 32768, -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 48000, format="WAV", subtype="PCM_16")
+    recording = decode_container(buffer.getvalue(), 8000, False, 3600, mono_rate=16000)
+    assert recording.audio.shape == (8000 * 12, 1) and recording.mono is not None
+    np.testing.assert_allclose(recording.mono, soxr.resample(
+        pcm.astype(np.float32).mean(axis=1) / 32768, 48000, 16000, quality="HQ"), atol=1e-6)
+    telephone = pcm[::6, 0].astype("<i2")
+    raw = decode_raw(telephone.tobytes(), pb.AUDIO_ENCODING_LINEAR16, 8000, 1, 8000, False,
+                     3600, mono_rate=16000)
+    np.testing.assert_array_equal(raw.mono, resample(raw.audio[:, 0], 8000, 16000))
+    assert decode_container(buffer.getvalue(), 8000, False, 3600).mono is None
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -146,13 +183,13 @@ def test_detect_decoding_block_by_block_equals_whole_recording_resampling() -> N
     buffer = io.BytesIO()
     soundfile.write(buffer, pcm, 16000, format="WAV", subtype="PCM_16")
     whole = soxr.resample(pcm.astype(np.float32) / 32768, 16000, 8000, quality="HQ")
-    split = decode_container(buffer.getvalue(), 8000, True, 3600)
+    split = decode_container(buffer.getvalue(), 8000, True, 3600).audio
     np.testing.assert_allclose(split, whole, atol=1e-6)
-    mixed = decode_container(buffer.getvalue(), 8000, False, 3600)
+    mixed = decode_container(buffer.getvalue(), 8000, False, 3600).audio
     np.testing.assert_allclose(mixed[:, 0], soxr.resample(
         pcm.astype(np.float32).mean(axis=1) / 32768, 16000, 8000, quality="HQ"), atol=1e-6)
     raw = decode_raw(pcm.astype("<i2").tobytes(), pb.AUDIO_ENCODING_LINEAR16, 16000, 2, 8000,
-                     True, 3600)
+                     True, 3600).audio
     np.testing.assert_allclose(raw, whole, atol=1e-6)
     with pytest.raises(InvalidAudio, match="over the 20 s limit"):
         decode_container(buffer.getvalue(), 8000, True, 20)
