@@ -31,7 +31,7 @@ same two-logit model whatever the head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -40,37 +40,34 @@ import torch.nn.functional as F
 from scipy.fft import dct
 from torch import nn
 
-from models.architectures.lfcc_gmm import LFCCGMMConfig, linear_filterbank
+from models.architectures.lfcc_gmm import LFCCFeatures, linear_filterbank
 from models.architectures.scorer import LogitsScorer
 
 __all__ = ["LCNN", "LCNNConfig", "LCNNScorer", "LFCCFrontEnd"]
 
 
-@dataclass
-class LCNNConfig:
-    """Hyper-parameters; the LFCC fields mean what they mean in :class:`LFCCGMMConfig`."""
+@dataclass(frozen=True)
+class LCNNConfig(LFCCFeatures):
+    """The LFCC front end's settings (:class:`LFCCFeatures`, deltas only by default), the
+    ``cmn`` and ``freq_mask`` options above, and the network's."""
 
-    sample_rate: int = 8000
-    n_fft: int = 256
-    win_ms: float = 20.0
-    hop_ms: float = 10.0
-    n_filters: int = 20
-    n_ceps: int = 20
-    preemphasis: float = 0.97
     static: bool = False
     cmn: bool = False
     freq_mask: int = 0
-    channels: list[int] = field(default_factory=lambda: [8, 16, 24])
+    channels: tuple[int, ...] = (8, 16, 24)
     embedding: int = 64
     dropout: float = 0.5
     head: str = "oc-softmax"  # or "softmax"
     alpha: float = 20.0  # one-class head: logit scale of the cosine
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.head not in ("softmax", "oc-softmax"):
             raise ValueError(f"head must be softmax or oc-softmax, got {self.head!r}")
         if len(self.channels) != 3:
             raise ValueError(f"channels: three stages, got {self.channels}")
+        if self.delta_width != 3:
+            raise ValueError(f"the LCNN front end takes deltas of width 3, got {self.delta_width}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LCNNConfig:
@@ -79,11 +76,6 @@ class LCNNConfig:
         if unknown:
             raise ValueError(f"unknown LCNN config keys: {sorted(unknown)}")
         return cls(**raw)
-
-    def lfcc(self) -> LFCCGMMConfig:
-        return LFCCGMMConfig(sample_rate=self.sample_rate, n_fft=self.n_fft, win_ms=self.win_ms,
-                             hop_ms=self.hop_ms, n_filters=self.n_filters, n_ceps=self.n_ceps,
-                             preemphasis=self.preemphasis, static=self.static)
 
     @property
     def feature_dim(self) -> int:
@@ -97,17 +89,17 @@ class LFCCFrontEnd(nn.Module):
     def __init__(self, config: LCNNConfig) -> None:
         super().__init__()
         self.config = config
-        lf = config.lfcc()
-        self.win, self.hop = lf.win_length, lf.hop_length
+        self.win, self.hop = config.win_length, config.hop_length
         self.register_buffer("window", torch.hamming_window(self.win, periodic=False,
                                                             dtype=torch.float64).float())
-        self.register_buffer("filterbank", torch.from_numpy(linear_filterbank(lf)).float())
+        self.register_buffer("filterbank", torch.from_numpy(linear_filterbank(config)).float())
         basis = dct(np.eye(config.n_filters), type=2, norm="ortho", axis=0)[: config.n_ceps]
         self.register_buffer("dct", torch.from_numpy(basis.T.copy()).float())
 
     @staticmethod
     def deltas(x: torch.Tensor) -> torch.Tensor:
-        """HTK deltas of half-width 1 along frames (dim 1), edges replicated."""
+        """HTK deltas of half-width 1 along frames (dim 1), edges replicated: the front
+        end's ``delta_width`` 3, the only width the LCNN uses."""
         padded = torch.cat((x[:, :1], x, x[:, -1:]), dim=1)
         return (padded[:, 2:] - padded[:, :-2]) / 2
 

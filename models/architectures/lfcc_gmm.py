@@ -56,7 +56,8 @@ from sklearn.mixture import GaussianMixture
 
 from models.architectures.scorer import WaveScorer
 
-__all__ = ["DiagonalGMM", "LFCCGMM", "LFCCGMMConfig", "deltas", "lfcc", "linear_filterbank"]
+__all__ = ["DiagonalGMM", "LFCCGMM", "LFCCFeatures", "LFCCGMMConfig", "deltas", "lfcc",
+           "linear_filterbank"]
 
 FloatArray = NDArray[np.float64]
 StateDict = dict[str, torch.Tensor | int | float | str]
@@ -69,17 +70,12 @@ _SCORE_CHUNK = 8192
 
 
 @dataclass(frozen=True)
-class LFCCGMMConfig:
-    """Front-end and GMM settings. Defaults are tuned for 8 kHz telephone audio.
+class LFCCFeatures:
+    """The LFCC front end's settings, shared by every model that reads LFCCs (this GMM and
+    :mod:`models.architectures.lcnn`). Defaults are tuned for 8 kHz telephone audio.
 
     ``n_fft`` is 256 at 8 kHz (the baseline's 512 at 16 kHz: the same ~31 Hz bin spacing).
-    ``f_max=None`` means Nyquist. ``max_frames_per_class`` caps the frames each GMM is fitted
-    on (0: use all).
-
-    GMM size: the baseline uses 512 components on ~25 h of 16 kHz audio. On the 1 h training
-    part here (100k bona fide / 261k spoof frames), 128 components fitted on 50k frames per
-    class give 4.8-5.5 % dev EER over seeds 0-2 and fit in 50-95 s on one busy core; 256
-    components on 100k frames gave 4.3 % in ~4.5 min, 64 components on 100k frames 7.3 %.
+    ``f_max=None`` means Nyquist.
     """
 
     sample_rate: int = 8000
@@ -93,14 +89,6 @@ class LFCCGMMConfig:
     f_max: float | None = None
     delta_width: int = 3
     static: bool = True
-    vad_db: float = 0.0
-    n_components: int = 128
-    max_iter: int = 100
-    tol: float = 1e-3
-    reg_covar: float = 1e-6
-    init_params: str = "k-means++"
-    seed: int = 0
-    max_frames_per_class: int = 50_000
 
     def __post_init__(self) -> None:
         if self.win_length < 2 or self.hop_length < 1:
@@ -119,10 +107,6 @@ class LFCCGMMConfig:
             raise ValueError(f"need 1 <= n_ceps <= n_filters, got {self.n_ceps}, {self.n_filters}")
         if self.delta_width < 3 or self.delta_width % 2 == 0:
             raise ValueError(f"delta_width must be odd and >= 3, got {self.delta_width}")
-        if self.vad_db < 0:
-            raise ValueError(f"vad_db must be >= 0 (0: keep every frame), got {self.vad_db}")
-        if self.n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
 
     @property
     def band_max_hz(self) -> float:
@@ -141,7 +125,35 @@ class LFCCGMMConfig:
         return (3 if self.static else 2) * self.n_ceps
 
 
-def linear_filterbank(config: LFCCGMMConfig) -> FloatArray:
+@dataclass(frozen=True)
+class LFCCGMMConfig(LFCCFeatures):
+    """Front-end and GMM settings. ``max_frames_per_class`` caps the frames each GMM is
+    fitted on (0: use all).
+
+    GMM size: the baseline uses 512 components on ~25 h of 16 kHz audio. On the 1 h training
+    part here (100k bona fide / 261k spoof frames), 128 components fitted on 50k frames per
+    class give 4.8-5.5 % dev EER over seeds 0-2 and fit in 50-95 s on one busy core; 256
+    components on 100k frames gave 4.3 % in ~4.5 min, 64 components on 100k frames 7.3 %.
+    """
+
+    vad_db: float = 0.0
+    n_components: int = 128
+    max_iter: int = 100
+    tol: float = 1e-3
+    reg_covar: float = 1e-6
+    init_params: str = "k-means++"
+    seed: int = 0
+    max_frames_per_class: int = 50_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vad_db < 0:
+            raise ValueError(f"vad_db must be >= 0 (0: keep every frame), got {self.vad_db}")
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+
+
+def linear_filterbank(config: LFCCFeatures) -> FloatArray:
     """``(n_fft // 2 + 1, n_filters)`` triangles with linearly spaced edges, as MATLAB ``trimf``.
 
     Bins outside ``[f_min, f_max]`` get zero weight, the same as the baseline cutting the
