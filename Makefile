@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
 	bench-diarization train-diarization bench-plugins plugins train-baselines vocode \
-	bench-generalization loso-folds train-gpu train-fusion bench-memory
+	bench-generalization loso-folds train-gpu train-fusion bench-memory train-lcnn
 CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
 
@@ -53,6 +53,19 @@ train: install ## train the default model (resumable; runs/rawnet2-tel) and writ
 	$(PY) -m models train models/configs/rawnet2_tel.yaml
 	$(PY) -m models card --model default > models/checkpoints/MODEL_CARD.md
 
+train-lcnn: install ## LCNN (resumable; runs/lcnn-tel) + its fusion with LFCC+GMM, calibrated on LOSO folds
+	$(PY) -m models train models/configs/lcnn_tel.yaml
+	$(PY) -m bench.generalization ship models/checkpoints/lcnn.pt --recipe lcnn \
+		--fold-scale "12 epochs on every corpus trial per fold"
+	$(PY) -m bench.generalization fuse-model --out models/checkpoints/lcnn_fusion.pt \
+		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
+		--name lcnn-gmm-fusion --version 1
+	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt --recipe lcnn+lfcc-gmm-dd \
+		--prior 0.85 \
+		--fold-scale "LCNN part: 12 epochs on every corpus trial per fold; LFCC+GMM part: 32 components refitted per fold"
+	$(PY) -m models card --model lcnn-fusion > models/checkpoints/LCNN_FUSION_CARD.md
+	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md
+
 train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on LOSO scores (after loso-folds)
 	$(PY) -m models train models/configs/rawnet2_tel_voc.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/rawnet2_voc.pt --recipe rawnet2-voc --prior 0.8
@@ -64,14 +77,16 @@ train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on 
 	$(PY) -m models card --model fusion > models/checkpoints/FUSION_CARD.md
 	$(PY) -m models card --model rawnet2-voc > models/checkpoints/RAWNET2_VOC_CARD.md
 
-loso-folds: install vocode ## train the neural recipes' leave-one-system-out folds (long; resumable)
+loso-folds: install ## train the neural recipes' leave-one-system-out folds (long; resumable)
+	$(PY) -m bench.generalization train-folds --recipe lcnn --threads 2
+	$(MAKE) vocode
 	$(PY) -m bench.generalization train-folds --recipe rawnet2-voc --recipe rawnet2 --threads 2
 	$(PY) -m bench.generalization export-folds
 
 bench-generalization: install ## LOSO EER per recipe (reduced, < 20 min) -> bench/results/generalization.*
 	$(PY) -m bench.generalization report --mode reduced
 
-train-gpu: ## on a CUDA machine: vocode, LOSO folds and the default model in one run ($$OUT)
+train-gpu: ## on a CUDA machine: vocode, then the lcnn-voc and rawnet2-voc LOSO folds ($$OUT)
 	bash scripts/train-gpu.sh
 
 train-baselines: install ## train LFCC+GMM (calibrated on its LOSO scores) and AASIST-L on the same data

@@ -61,14 +61,27 @@ NEURAL_RECIPES = {
     "rawnet2": REPO_ROOT / "models" / "configs" / "rawnet2_tel.yaml",
     "rawnet2-voc": REPO_ROOT / "models" / "configs" / "rawnet2_tel_voc.yaml",
     "lcnn": REPO_ROOT / "models" / "configs" / "lcnn_tel.yaml",
+    "lcnn-voc": REPO_ROOT / "models" / "configs" / "lcnn_tel_voc.yaml",
 }
 #: each neural recipe's fold scale (corpus training trials, 0: all; epochs): RawNet2 folds
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
-FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12)}
+FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
+              "lcnn-voc": (0, 12)}
 
 
-def fold_scale_note(recipe: str) -> str:
+def fold_scale_note(recipe: str, runs: Path | None = None) -> str:
+    """The scale the recipe's folds were trained at: read from a fold run's config where
+    this machine trained them (``make train-gpu`` trains at full scale), else the recipe's
+    committed scale."""
     limit, epochs = FOLD_SCALE[recipe]
+    configs = sorted(runs.glob(f"{recipe}/*/config.json")) if runs else []
+    if configs:
+        raw = json.loads(configs[0].read_text())
+        limit, epochs = raw["data"]["limit"], raw["optim"]["epochs"]
+    else:
+        for path in sorted((COMMITTED / recipe).glob("T*.json")):
+            limit, epochs = json.loads(path.read_text()).get("scale", (limit, epochs))
+            break
     trials = "every corpus trial" if not limit else f"{limit} corpus trials"
     return f"{epochs} epochs on {trials} per fold"
 
@@ -298,7 +311,12 @@ def export_folds(args: argparse.Namespace) -> int:
         recipe, system = scores.parent.parent.name, scores.parent.name
         target = COMMITTED / recipe / f"{system}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(scores.read_text())
+        payload = json.loads(scores.read_text())
+        config = scores.parent / "config.json"
+        if config.is_file():  # the scale travels with the scores (the report's notes)
+            raw = json.loads(config.read_text())
+            payload["scale"] = [raw["data"]["limit"] or 0, raw["optim"]["epochs"]]
+        target.write_text(json.dumps(payload))
         print(f"exported {target.relative_to(REPO_ROOT)}")
     return 0
 
@@ -355,7 +373,7 @@ def run_report(args: argparse.Namespace) -> int:
             if folds:
                 results[recipe] = folds
                 missing = sorted(set(systems) - {f.held_out for f in folds})
-                notes[recipe] = fold_scale_note(recipe) + (f"; folds missing: {missing}"
+                notes[recipe] = fold_scale_note(recipe, Path(args.loso_dir)) + (f"; folds missing: {missing}"
                                                            if missing else "")
     complete = {k: v for k, v in results.items() if len(v) == len(systems)}
     for combo in args.fuse:
@@ -528,14 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["reduced", "full"], default="reduced")
     p.add_argument("--recipes", nargs="*", default=[
         "lfcc-gmm", "lfcc-gmm-dd", "lfcc-gmm-voc", "whisper-lr", "whisper-lr-voc", "rawnet2",
-        "rawnet2-voc", "lcnn"])
+        "rawnet2-voc", "lcnn", "lcnn-voc"])
     p.add_argument("--fuse", nargs="*", default=["rawnet2-voc+lfcc-gmm",
                                                  "rawnet2+lfcc-gmm-dd",
                                                  "rawnet2-voc+lfcc-gmm-dd",
                                                  "lfcc-gmm-dd+whisper-lr",
                                                  "rawnet2-voc+lfcc-gmm-dd+whisper-lr",
                                                  "lcnn+lfcc-gmm-dd",
-                                                 "lcnn+rawnet2-voc+lfcc-gmm-dd"])
+                                                 "lcnn+rawnet2-voc+lfcc-gmm-dd",
+                                                 "lcnn-voc+lfcc-gmm-dd"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--loso-dir", default=str(RUNS), help="fold runs to read (train-folds --runs)")
     p.set_defaults(func=run_report)

@@ -36,6 +36,12 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
     "default": CHECKPOINT_DIR / "default.pt",  # RawNet2-tel v1 (MODEL_CARD.md)
+    # LFCC-LCNN (one-class softmax) fused with LFCC+GMM v2, weights and calibration on
+    # leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO estimate, at twice the
+    # default's speed, but not the default: on the dev calls it flags 3 of 7 spoofed calls
+    # where the default flags 7 (README, "Unseen engines")
+    "lcnn-fusion": CHECKPOINT_DIR / "lcnn_fusion.pt",
+    "lcnn": CHECKPOINT_DIR / "lcnn.pt",  # its LCNN part alone (LCNN_CARD.md)
     # RawNet2 trained with vocoded bona fide as extra spoofs, fused with LFCC+GMM; weights and
     # calibration fitted on leave-one-system-out scores (FUSION_CARD.md). Best on LOSO, but
     # not the default: see the README, "Unseen engines".
@@ -177,7 +183,8 @@ def build_model(architecture: str, model_config: dict[str, Any]) -> Any:
 def load_detector(
     name_or_path: str | Path, device: str = "cpu", half: bool = False
 ) -> Detector:
-    """Load ``default``, ``lfcc-gmm``, ``aasist-l`` or a checkpoint path.
+    """Load a model of :data:`NAMED_MODELS` (``default``, ``lcnn``, ``lfcc-gmm``, ...) or a
+    checkpoint path.
 
     ``half=True`` runs a neural model in float16 (GPU workers); CPU stays float32.
     """
