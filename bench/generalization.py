@@ -373,8 +373,8 @@ def run_report(args: argparse.Namespace) -> int:
             if folds:
                 results[recipe] = folds
                 missing = sorted(set(systems) - {f.held_out for f in folds})
-                notes[recipe] = fold_scale_note(recipe, Path(args.loso_dir)) + (f"; folds missing: {missing}"
-                                                           if missing else "")
+                notes[recipe] = fold_scale_note(recipe, Path(args.loso_dir)) + (
+                    f"; folds missing: {missing}" if missing else "")
     complete = {k: v for k, v in results.items() if len(v) == len(systems)}
     for combo in args.fuse:
         names = combo.split("+")
