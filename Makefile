@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
 	bench-diarization train-diarization bench-plugins plugins train-baselines vocode \
-	bench-generalization loso-folds train-gpu train-fusion bench-memory train-lcnn
+	bench-generalization loso-folds train-gpu train-fusion bench-memory train-rawnet2
 CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
 
@@ -49,22 +49,22 @@ vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> run
 		--audio-dir $(CORPUS)/ASVspoof2019_LA_train/flac --out $(VOCODED) \
 		--vocoder hifigan-universal --vocoder hifigan-lj --threads 2
 
-train: install ## train the default model (resumable; runs/rawnet2-tel) and write its card
-	$(PY) -m models train models/configs/rawnet2_tel.yaml
-	$(PY) -m models card --model default > models/checkpoints/MODEL_CARD.md
-
-train-lcnn: install ## LCNN (resumable; runs/lcnn-tel) + its fusion with LFCC+GMM, calibrated on LOSO folds
+train: install ## train the default model: LCNN (resumable; runs/lcnn-tel) + its fusion with LFCC+GMM
 	$(PY) -m models train models/configs/lcnn_tel.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn.pt --recipe lcnn \
 		--fold-scale "12 epochs on every corpus trial per fold"
 	$(PY) -m bench.generalization fuse-model --out models/checkpoints/lcnn_fusion.pt \
 		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
-		--name lcnn-gmm-fusion --version 1
-	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt --recipe lcnn+lfcc-gmm-dd \
-		--prior 0.85 \
+		--weight 0.6 --weight 0.4 --name lcnn-gmm-fusion --version 2
+	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt \
+		--recipe lcnn=0.6+lfcc-gmm-dd=0.4 --prior 0.89 \
 		--fold-scale "LCNN part: 12 epochs on every corpus trial per fold; LFCC+GMM part: 32 components refitted per fold"
-	$(PY) -m models card --model lcnn-fusion > models/checkpoints/LCNN_FUSION_CARD.md
+	$(PY) -m models card --model default > models/checkpoints/LCNN_FUSION_CARD.md
 	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md
+
+train-rawnet2: install ## the previous default, RawNet2-tel (resumable; runs/rawnet2-tel), and its card
+	$(PY) -m models train models/configs/rawnet2_tel.yaml
+	$(PY) -m models card --model rawnet2-tel > models/checkpoints/RAWNET2_TEL_CARD.md
 
 train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on LOSO scores (after loso-folds)
 	$(PY) -m models train models/configs/rawnet2_tel_voc.yaml

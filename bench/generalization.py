@@ -22,8 +22,11 @@ Recipes:
   trained with ``python -m bench.generalization train-folds`` in the background (resumable,
   ``runs/loso/``) and the report reads their scores; ``--mode reduced`` reports whatever
   folds exist and says which are missing.
-- ``fusion``: a logistic-regression fusion of the recipes' scores, weights fitted on the
+- ``fusion(a+b)``: a logistic-regression fusion of the recipes' scores, weights fitted on the
   pooled LOSO scores of the other folds (leave-one-fold-out, so the fusion is LOSO too).
+- ``fusion(a=0.6+b=0.4)``: the bona-normal fusion (``models.architectures.fusion``): each
+  part's scores as normal quantiles of their rank among the fold's bona fide scores, summed
+  with the given weights (nothing fitted on spoofs, so nothing to leave out).
 
 ``--mode reduced`` (the default, under 20 minutes here) uses fewer GMM components and
 frames; ``--mode full`` uses the shipped sizes.
@@ -62,11 +65,12 @@ NEURAL_RECIPES = {
     "rawnet2-voc": REPO_ROOT / "models" / "configs" / "rawnet2_tel_voc.yaml",
     "lcnn": REPO_ROOT / "models" / "configs" / "lcnn_tel.yaml",
     "lcnn-voc": REPO_ROOT / "models" / "configs" / "lcnn_tel_voc.yaml",
+    "lcnn-hr": REPO_ROOT / "models" / "configs" / "lcnn_hr_tel.yaml",
 }
 #: each neural recipe's fold scale (corpus training trials, 0: all; epochs): RawNet2 folds
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
 FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
-              "lcnn-voc": (0, 12)}
+              "lcnn-voc": (0, 12), "lcnn-hr": (0, 12)}
 
 
 def fold_scale_note(recipe: str, runs: Path | None = None) -> str:
@@ -255,6 +259,42 @@ def fuse(parts: dict[str, list[FoldScores]]) -> list[FoldScores]:
     return out
 
 
+def parse_fusion(recipe: str) -> tuple[list[str], list[float] | None]:
+    """``a+b`` -> parts, no weights (logistic fusion); ``a=0.6+b=0.4`` -> parts and their
+    weights (bona-normal fusion)."""
+    items = recipe.split("+")
+    if not any("=" in item for item in items):
+        return items, None
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"{recipe!r}: give every part of a bona-normal fusion a weight")
+    return [n for n, _ in pairs], [float(w) for _, w in pairs]
+
+
+def fuse_bona_normal(parts: dict[str, list[FoldScores]],
+                     weights: dict[str, float]) -> list[FoldScores]:
+    """Per fold: each part's scores as ranks among that fold's bona fide scores (normal
+    quantiles, :func:`models.architectures.fusion.bona_normal`), weighted and summed."""
+    from models.architectures.fusion import bona_normal
+
+    names = list(weights)
+    by_fold = {name: {f.held_out: f for f in parts[name]} for name in names}
+    systems = sorted(set.intersection(*(set(v) for v in by_fold.values())))
+    out = []
+    for system in systems:
+        ref = by_fold[names[0]][system]
+        y = np.asarray(ref.labels)
+        fused = np.zeros(len(y))
+        for name in names:
+            fold = by_fold[name][system]
+            if fold.utt_ids != ref.utt_ids:
+                raise ValueError(f"{name} and {names[0]} scored other trials for {system}")
+            s = np.asarray(fold.scores, np.float64)
+            fused += weights[name] * bona_normal(s, s[y == 1])
+        out.append(FoldScores(system, ref.utt_ids, ref.labels, [float(v) for v in fused]))
+    return out
+
+
 def fusion_weights(parts: dict[str, list[FoldScores]]) -> dict[str, Any]:
     """The fusion fitted on every fold (what a shipped fused model uses), on anchored units."""
     names = sorted(parts)
@@ -287,8 +327,11 @@ def recipe_folds(recipe: str, systems: list[str], runs: Path, mode: str) -> list
     """LOSO folds of a recipe by name: a neural recipe's fold runs (or committed scores),
     the GMM's cached folds, or ``a+b`` for the leave-one-fold-out fusion of recipes."""
     if "+" in recipe:
-        return fuse({name: recipe_folds(name, systems, runs, mode)
-                     for name in recipe.split("+")})
+        names, weights = parse_fusion(recipe)
+        parts = {name: recipe_folds(name, systems, runs, mode) for name in names}
+        if weights is None:
+            return fuse(parts)
+        return fuse_bona_normal(parts, dict(zip(names, weights, strict=True)))
     if recipe in NEURAL_RECIPES:
         return neural_folds(recipe, systems, runs)
     cache = REPO_ROOT / "runs" / "features" / {
@@ -377,17 +420,24 @@ def run_report(args: argparse.Namespace) -> int:
                     f"; folds missing: {missing}" if missing else "")
     complete = {k: v for k, v in results.items() if len(v) == len(systems)}
     for combo in args.fuse:
-        names = combo.split("+")
+        names, weights = parse_fusion(combo)
         if all(n in complete for n in names):
-            results[f"fusion({combo})"] = fuse({n: complete[n] for n in names})
-            notes[f"fusion({combo})"] = "logistic fusion, weights fitted leaving the fold out"
+            if weights is None:
+                results[f"fusion({combo})"] = fuse({n: complete[n] for n in names})
+                notes[f"fusion({combo})"] = "logistic fusion, weights fitted leaving the fold out"
+            else:
+                results[f"fusion({combo})"] = fuse_bona_normal(
+                    {n: complete[n] for n in names}, dict(zip(names, weights, strict=True)))
+                notes[f"fusion({combo})"] = ("bona-normal fusion: ranks among the fold's bona "
+                                             "fide scores, fixed weights")
     reports = [report(name, folds, dur, notes=notes.get(name, ""))
                for name, folds in results.items()]
     payload = {
         "mode": args.mode, "seconds": round(time.time() - began, 1), "systems": systems,
         "threshold": 0.5, "recipes": [r.to_json() for r in reports],
         "fusion_weights": {c: fusion_weights({n: complete[n] for n in c.split("+")})
-                           for c in args.fuse if all(n in complete for n in c.split("+"))},
+                           for c in args.fuse if parse_fusion(c)[1] is None
+                           and all(n in complete for n in c.split("+"))},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "generalization.json").write_text(json.dumps(payload, indent=2))
@@ -482,9 +532,11 @@ def ship(args: argparse.Namespace) -> int:
 
 
 def fuse_model(args: argparse.Namespace) -> int:
-    """Build a fused checkpoint from shipped parts, weights fitted on their recipes' LOSO
-    scores; each part is anchored on its own dev bona fide scores (median, IQR), as the
-    fold scores were. Calibrate it afterwards with ``ship --recipe a+b``."""
+    """Build a fused checkpoint from shipped parts. Logistic: weights fitted on their recipes'
+    LOSO scores, each part anchored on its own dev bona fide scores (median, IQR), as the fold
+    scores were. Bona-normal (``--weight``): the given weights, each part ranked against its
+    own dev bona fide scores, as the fold scores were against theirs. Calibrate it afterwards
+    with ``ship --recipe a+b`` (or ``a=0.6+b=0.4``)."""
     import torch
 
     from models.architectures.fusion import fusion_state
@@ -496,13 +548,20 @@ def fuse_model(args: argparse.Namespace) -> int:
     systems = spoof_systems(ASVspoofSplit(root, "train").trials())
     pairs = [p.split("=", 1) for p in args.part]
     recipes = [r for _, r in pairs]
-    folds = {r: recipe_folds(r, systems, Path(args.loso_dir), args.mode) for r in recipes}
-    if any(len(f) != len(systems) for f in folds.values()):
-        print("error: every part needs all LOSO folds", file=sys.stderr)
+    if args.weight and len(args.weight) != len(pairs):
+        print("error: one --weight per --part", file=sys.stderr)
         return 2
-    weights = fusion_weights(folds)
-    order = weights["parts"]  # sorted recipe names
-    states, med, iqr = {}, {}, {}
+    if args.weight:  # bona-normal: fixed weights, in the order of the parts
+        weights: dict[str, Any] = {"parts": recipes, "weight": list(args.weight), "bias": 0.0,
+                                   "combine": "bona-normal"}
+    else:
+        folds = {r: recipe_folds(r, systems, Path(args.loso_dir), args.mode) for r in recipes}
+        if any(len(f) != len(systems) for f in folds.values()):
+            print("error: every part needs all LOSO folds", file=sys.stderr)
+            return 2
+        weights = fusion_weights(folds)
+    order = weights["parts"]  # sorted recipe names (logistic), as given (bona-normal)
+    states, med, iqr, reference = {}, {}, {}, {}
     dev = ASVspoofSplit(root, "dev")
     bona = [t for t in dev.trials() if t.is_bonafide]
     for path, recipe in pairs:
@@ -511,16 +570,21 @@ def fuse_model(args: argparse.Namespace) -> int:
         states[recipe] = state
         scores = np.asarray(score_trials(detector_from_state(state), bona, dev.audio_dir))
         med[recipe], iqr[recipe] = robust_scale(scores)
+        reference[recipe] = np.sort(scores).tolist()
     first = states[order[0]]
-    fused = fusion_state([states[r] for r in order], {
-        "mean": [med[r] for r in order], "scale": [iqr[r] for r in order],
-        "weight": weights["weight"], "bias": weights["bias"]})
+    combination = {"mean": [med[r] for r in order], "scale": [iqr[r] for r in order],
+                   "weight": weights["weight"], "bias": weights["bias"],
+                   "combine": weights.get("combine", "linear")}
+    if combination["combine"] == "bona-normal":
+        combination["reference"] = [reference[r] for r in order]
+    fused = fusion_state([states[r] for r in order], combination)
     save_checkpoint(
         args.out, architecture="fusion", name=args.name, version=args.version,
         sample_rate=first["sample_rate"], window_seconds=first["window_seconds"],
         model_config={"parts": order}, state_dict=fused,
         card={"fusion": {"parts": {r: states[r]["name"] for r in order},
-                         "weight": weights["weight"], "bias": weights["bias"]},
+                         "weight": weights["weight"], "bias": weights["bias"],
+                         "combine": combination["combine"]},
               "config": {"name": args.name, "architecture": "fusion", "parts": order}})
     print(json.dumps(weights, indent=2))
     return 0
@@ -553,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "lfcc-gmm-dd+whisper-lr",
                                                  "rawnet2-voc+lfcc-gmm-dd+whisper-lr",
                                                  "lcnn+lfcc-gmm-dd",
+                                                 "lcnn=0.6+lfcc-gmm-dd=0.4",
                                                  "lcnn+rawnet2-voc+lfcc-gmm-dd",
                                                  "lcnn-voc+lfcc-gmm-dd"])
     p.add_argument("--threads", type=int, default=2)
@@ -574,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=ship)
     p = sub.add_parser("fuse-model", help="fused checkpoint from parts, weights on LOSO")
     p.add_argument("--part", action="append", required=True, help="CHECKPOINT=RECIPE")
+    p.add_argument("--weight", action="append", type=float,
+                   help="one per --part: a bona-normal fusion with these weights (default: "
+                        "logistic fusion, weights fitted on the parts' LOSO scores)")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="fusion")
     p.add_argument("--version", default="1")

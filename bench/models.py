@@ -69,6 +69,17 @@ def throughput(model: Any, samples: int, batch: int, seconds: float) -> float:
                 return done / elapsed
 
 
+def unique_models() -> dict[str, Path]:
+    """Each shipped checkpoint once, under its first name (``default`` is an alias)."""
+    seen: set[Path] = set()
+    out = {}
+    for name, path in NAMED_MODELS.items():
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            out[name] = path
+    return out
+
+
 def _scorer(detector: Detector) -> Any:
     return lambda x: detector.score_batch(x.numpy())
 
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     quality: dict[str, Any] = {}
-    candidates = {name: str(path) for name, path in NAMED_MODELS.items()}
+    candidates = {name: str(path) for name, path in unique_models().items()}
     candidates["aasist-official (zero-shot)"] = str(SHARED / "reference" / "AASIST.pth")
     for name, path in candidates.items():
         if not Path(path).is_file():
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     speed: dict[str, Any] = {}
     models: dict[str, tuple[Any, int, int]] = {}
-    for name, path in NAMED_MODELS.items():  # as the service runs them: Detector.score_batch
+    for name, path in unique_models().items():  # as the service runs them: score_batch
         if name != "aasist-l" and path.is_file():
             detector = load_detector(path)
             models[name] = (_scorer(detector), detector.window_samples, detector.sample_rate)

@@ -26,8 +26,13 @@ def render_card(detector: Detector) -> str:
     ]
     if "fusion" in card:
         fusion = card["fusion"]
-        lines.append("- parts (score-level fusion, weights fitted on leave-one-system-out "
-                     "scores, each part in units of its own dev bona fide scores):")
+        if fusion.get("combine") == "bona-normal":
+            lines.append("- parts (score-level bona-normal fusion: each part's score as the "
+                         "normal quantile of its rank among the part's own dev bona fide "
+                         "scores, weights chosen on leave-one-system-out scores):")
+        else:
+            lines.append("- parts (score-level fusion, weights fitted on leave-one-system-out "
+                         "scores, each part in units of its own dev bona fide scores):")
         lines += [f"  - `{recipe}` (checkpoint name `{name}`): weight {weight:.3f}"
                   for (recipe, name), weight in zip(fusion["parts"].items(), fusion["weight"],
                                                     strict=True)]

@@ -35,16 +35,17 @@ from models.errors import ModelError
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
-    "default": CHECKPOINT_DIR / "default.pt",  # RawNet2-tel v1 (MODEL_CARD.md)
-    # LFCC-LCNN (one-class softmax) fused with LFCC+GMM v2, weights and calibration on
-    # leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO estimate, at twice the
-    # default's speed, but not the default: on the dev calls it flags 3 of 7 spoofed calls
-    # where the default flags 7 (README, "Unseen engines")
-    "lcnn-fusion": CHECKPOINT_DIR / "lcnn_fusion.pt",
+    # LFCC-LCNN (one-class softmax) and LFCC+GMM v2 in a bona-normal fusion, calibrated on
+    # leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO estimate and twice
+    # RawNet2-tel's speed (README, "Unseen engines")
+    "default": CHECKPOINT_DIR / "lcnn_fusion.pt",
+    "lcnn-fusion": CHECKPOINT_DIR / "lcnn_fusion.pt",  # the same model by its own name
     "lcnn": CHECKPOINT_DIR / "lcnn.pt",  # its LCNN part alone (LCNN_CARD.md)
+    # the previous default: telephone-band RawNet2, best on dev's seen engines, at chance on
+    # an unseen neural TTS (RAWNET2_TEL_CARD.md)
+    "rawnet2-tel": CHECKPOINT_DIR / "rawnet2_tel.pt",
     # RawNet2 trained with vocoded bona fide as extra spoofs, fused with LFCC+GMM; weights and
-    # calibration fitted on leave-one-system-out scores (FUSION_CARD.md). Best on LOSO, but
-    # not the default: see the README, "Unseen engines".
+    # calibration fitted on leave-one-system-out scores (FUSION_CARD.md).
     "fusion": CHECKPOINT_DIR / "fusion.pt",
     "rawnet2-voc": CHECKPOINT_DIR / "rawnet2_voc.pt",  # its RawNet2 part (RAWNET2_VOC_CARD.md)
     # LFCC+GMM v2: deltas only, quiet frames dropped, calibrated on LOSO (LFCC_GMM_CARD.md).

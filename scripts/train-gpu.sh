@@ -10,7 +10,7 @@
 #   4. the LOSO report over every recipe.
 # Results land under $OUT (default runs/gpu): fold scores and logs, the LOSO report. Bring
 # them back, then `python -m bench.generalization export-folds --runs $OUT/loso` commits the
-# fold scores and `make train-lcnn` ships a recipe that LOSO prefers.
+# fold scores and `make train` ships a recipe that LOSO prefers.
 #
 # Needs a machine where `make install` has run (.venv) and ../shared/corpus beside the
 # checkout.

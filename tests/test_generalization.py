@@ -173,11 +173,11 @@ def test_fused_checkpoint_scores_as_its_weighted_parts(tmp_path: Path) -> None:
     from models.inference import NAMED_MODELS, load_detector, save_checkpoint
 
     parts = [torch.load(NAMED_MODELS[name], map_location="cpu", weights_only=True)
-             for name in ("default", "lfcc-gmm")]
+             for name in ("rawnet2-tel", "lfcc-gmm")]
     split = ASVspoofSplit(require(CORPUS), "dev")
     waves = [np.resize(load_audio(split.audio_dir / f"{t.utt_id}.flac", 8000), 32000)
              for t in split.trials()[:3]]
-    singles = [load_detector(name).scores(waves) for name in ("default", "lfcc-gmm")]
+    singles = [load_detector(name).scores(waves) for name in ("rawnet2-tel", "lfcc-gmm")]
     for weight in ([1.0, 0.0], [0.0, 1.0], [0.5, -2.0]):
         path = tmp_path / "fused.pt"
         save_checkpoint(path, architecture="fusion", name="f", version="1", sample_rate=8000,
@@ -188,3 +188,78 @@ def test_fused_checkpoint_scores_as_its_weighted_parts(tmp_path: Path) -> None:
         expected = (weight[0] * (singles[0] - 1.0) / 2.0 + weight[1] * (singles[1] + 1.0) / 4.0
                     + 0.25)
         np.testing.assert_allclose(fused.scores(waves), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bona_normal_ranks_against_genuine_scores_and_extends_below_them() -> None:
+    from scipy.stats import norm
+
+    from models.architectures.fusion import bona_normal
+
+    reference = np.arange(1.0, 100.0)  # 99 genuine scores, IQR 49
+    z = bona_normal(np.array([50.0, 1.0, 99.0, 1000.0, 0.0, -49.0]), reference)
+    assert z[0] == pytest.approx(norm.ppf(50.5 / 100))  # the median genuine score: ~0
+    assert z[2] == pytest.approx(z[3])  # above every genuine score: no more genuine
+    floor = norm.ppf(0.5 / 100)
+    assert z[1] == pytest.approx(norm.ppf(1.5 / 100)) and z[1] > floor
+    # below the lowest genuine score the quantile keeps falling, at the reference's spread
+    assert z[4] == pytest.approx(floor - 1.0 / (49 / 1.349))
+    assert z[5] == pytest.approx(floor - 50.0 / (49 / 1.349))
+    scores = np.linspace(-200, 200, 401)
+    assert np.all(np.diff(bona_normal(scores, reference)) >= 0)  # monotone: ranks kept
+
+
+def test_bona_normal_fused_checkpoint_scores_as_its_ranked_parts(tmp_path: Path) -> None:
+    from models.architectures.fusion import bona_normal, fusion_state
+    from models.inference import NAMED_MODELS, load_detector, save_checkpoint
+
+    names = ("lcnn", "lfcc-gmm")
+    parts = [torch.load(NAMED_MODELS[n], map_location="cpu", weights_only=True) for n in names]
+    split = ASVspoofSplit(require(CORPUS), "dev")
+    waves = [np.resize(load_audio(split.audio_dir / f"{t.utt_id}.flac", 8000), 32000)
+             for t in split.trials()[:4]]
+    singles = [load_detector(n).scores(waves) for n in names]
+    reference = [np.linspace(-5, 5, 50), np.linspace(-1, 1, 30)]
+    path = tmp_path / "fused.pt"
+    save_checkpoint(path, architecture="fusion", name="f", version="1", sample_rate=8000,
+                    window_seconds=4.0, state_dict=fusion_state(parts, {
+                        "mean": [0.0, 0.0], "scale": [1.0, 1.0], "weight": [0.6, 0.4],
+                        "bias": 0.5, "combine": "bona-normal", "reference": reference}))
+    expected = (0.6 * bona_normal(singles[0], reference[0])
+                + 0.4 * bona_normal(singles[1], reference[1]) + 0.5)
+    np.testing.assert_allclose(load_detector(path).scores(waves), expected, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_default_is_the_bona_normal_lcnn_fusion_calibrated_on_loso() -> None:
+    """``default`` resolves to the LCNN + LFCC+GMM fusion everywhere the name is used, and
+    its card carries the LOSO estimate it was chosen on."""
+    from models.inference import NAMED_MODELS, load_detector
+
+    detector = load_detector("default")
+    assert NAMED_MODELS["default"] == NAMED_MODELS["lcnn-fusion"]
+    assert detector.architecture == "fusion" and detector.card["fusion"]["combine"] == \
+        "bona-normal"
+    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lfcc-gmm-dd"}
+    loso = detector.card["loso"]
+    assert set(loso["per_engine_eer"]) == {f"T0{i}" for i in range(1, 7)}
+    assert loso["pooled_eer"] < 0.2  # RawNet2-tel, the previous default: 34.5 % hidden
+    alarms = detector.card["bonafide_false_alarm"]
+    assert alarms["sentences"] <= 0.02 and alarms["digits"] <= 0.10
+
+
+def test_loso_bona_normal_fusion_ranks_each_fold_against_its_own_bona_fide() -> None:
+    from bench.generalization import fuse_bona_normal, parse_fusion
+
+    assert parse_fusion("a+b") == (["a", "b"], None)
+    assert parse_fusion("a=0.6+b=0.4") == (["a", "b"], [0.6, 0.4])
+    with pytest.raises(ValueError, match="weight"):
+        parse_fusion("a=0.6+b")
+    ids = [f"u{i}" for i in range(6)]
+    labels = [1, 1, 1, 0, 0, 0]
+    # part b's scale is 100x part a's; ranks against the fold's bona fide make them equal
+    a = FoldScores("T01", ids, labels, [1.0, 2.0, 3.0, 0.5, 0.0, -1.0])
+    b = FoldScores("T01", ids, labels, [100.0, 200.0, 300.0, 50.0, 0.0, -100.0])
+    fused = fuse_bona_normal({"a": [a], "b": [b]}, {"a": 0.5, "b": 0.5})[0]
+    one = fuse_bona_normal({"a": [a]}, {"a": 1.0})[0]
+    np.testing.assert_allclose(fused.scores, one.scores, atol=1e-9)
+    assert fused.eer() == 0.0
