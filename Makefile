@@ -59,7 +59,8 @@ train: install ## train the default model: LCNN (resumable; runs/lcnn-tel) + its
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt \
 		--recipe lcnn=0.6+lfcc-gmm-dd=0.4 --prior 0.89 \
 		--fold-scale "LCNN part: 12 epochs on every corpus trial per fold; LFCC+GMM part: 32 components refitted per fold"
-	$(PY) -m models card --model default > models/checkpoints/LCNN_FUSION_CARD.md
+	{ $(PY) -m models card --model default; cat models/checkpoints/LCNN_FUSION_NOTES.md; } \
+		> models/checkpoints/LCNN_FUSION_CARD.md
 	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md
 
 train-rawnet2: install ## the previous default, RawNet2-tel (resumable; runs/rawnet2-tel), and its card

@@ -1,6 +1,7 @@
 """``make bench-gpu``: worker throughput on a GPU, for a machine with torch and numpy only.
 
-Measures windows per second of the default model and of the official-config RawNet2 at
+Measures windows per second of RawNet2-tel (the previous default; the default fusion's GMM
+part is numpy and runs on the CPU) and of the official-config RawNet2 at
 batch 1 to 1024, in float32, float16 and bfloat16, and checks each reduced precision
 against float32 on the same inputs. Writes ``bench/results/gpu.json`` and ``gpu.md``.
 Run it from the repo root: ``python bench/gpu.py`` (no install needed).
@@ -24,8 +25,8 @@ BATCHES = (1, 4, 16, 64, 256, 1024)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def default_model() -> tuple[RawNet2, int]:
-    state = torch.load(REPO / "models" / "checkpoints" / "default.pt", map_location="cpu",
+def rawnet2_tel_model() -> tuple[RawNet2, int]:
+    state = torch.load(REPO / "models" / "checkpoints" / "rawnet2_tel.pt", map_location="cpu",
                        weights_only=True)
     model = RawNet2(RawNet2Config.from_dict(state["model_config"]))
     model.load_state_dict(state["state_dict"])
@@ -56,7 +57,7 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     card = torch.cuda.get_device_name(0)
     results: dict[str, object] = {"card": card, "torch": torch.__version__, "models": {}}
-    for name, (model, samples) in {"default": default_model(),
+    for name, (model, samples) in {"rawnet2-tel": rawnet2_tel_model(),
                                    "rawnet2-official-config": official_model()}.items():
         entry: dict[str, object] = {"window_samples": samples}
         generator = torch.Generator().manual_seed(0)
