@@ -153,6 +153,9 @@ async def test_graceful_stop_drains_open_streams(detector: Detector) -> None:
         await call.write(pb.StreamDetectRequest(config=stream_config()))
         (chunk,) = linear16_chunks(noise_pcm(2.0), seconds=2.0)
         await call.write(pb.StreamDetectRequest(audio=chunk))
+        # a write returns once the message is queued on the client: stopping before the
+        # server holds the stream would drain nothing (seen on a loaded machine)
+        await wait_until(lambda: len(running.servicer.sessions) == 1, "stream admitted")
         stopping = asyncio.create_task(running.stop(30))
         # Half-close only once the stop is in force (new calls refused), so draining is
         # what delivers the summary.
