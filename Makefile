@@ -79,7 +79,7 @@ train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on 
 	$(PY) -m models card --model rawnet2-voc > models/checkpoints/RAWNET2_VOC_CARD.md
 
 loso-folds: install ## train the neural recipes' leave-one-system-out folds (long; resumable)
-	$(PY) -m bench.generalization train-folds --recipe lcnn --threads 2
+	$(PY) -m bench.generalization train-folds --recipe lcnn --recipe lcnn-hr --threads 2
 	$(MAKE) vocode
 	$(PY) -m bench.generalization train-folds --recipe rawnet2-voc --recipe rawnet2 --threads 2
 	$(PY) -m bench.generalization export-folds
