@@ -49,16 +49,18 @@ vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> run
 		--audio-dir $(CORPUS)/ASVspoof2019_LA_train/flac --out $(VOCODED) \
 		--vocoder hifigan-universal --vocoder hifigan-lj --threads 2
 
-train: install ## train the default model: LCNN (resumable; runs/lcnn-tel) + its fusion with LFCC+GMM
+train: install ## train the default model: LCNN (resumable; runs/lcnn-tel) + its fusion with two LFCC+GMMs
 	$(PY) -m models train models/configs/lcnn_tel.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn.pt --recipe lcnn \
 		--fold-scale "12 epochs on every corpus trial per fold"
+	$(PY) -m models train models/configs/lfcc_gmm_fine.yaml
 	$(PY) -m bench.generalization fuse-model --out models/checkpoints/lcnn_fusion.pt \
-		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
-		--weight 0.6 --weight 0.4 --name lcnn-gmm-fusion --version 2
+		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lfcc_gmm_fine.pt=lfcc-gmm-fine \
+		--part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
+		--weight 0.6 --weight 0.2 --weight 0.2 --name lcnn-gmm-fusion --version 3
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt \
-		--recipe lcnn=0.6+lfcc-gmm-dd=0.4 --prior 0.89 \
-		--fold-scale "LCNN part: 12 epochs on every corpus trial per fold; LFCC+GMM part: 32 components refitted per fold"
+		--recipe lcnn=0.6+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2 --prior 0.94 \
+		--fold-scale "LCNN part: 12 epochs on every corpus trial per fold; LFCC+GMM parts: 32 components refitted per fold"
 	{ $(PY) -m models card --model default; cat models/checkpoints/LCNN_FUSION_NOTES.md; } \
 		> models/checkpoints/LCNN_FUSION_CARD.md
 	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md

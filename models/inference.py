@@ -35,9 +35,9 @@ from models.errors import ModelError
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
-    # LFCC-LCNN (one-class softmax) and LFCC+GMM v2 in a bona-normal fusion, calibrated on
-    # leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO estimate and twice
-    # RawNet2-tel's speed (README, "Unseen engines")
+    # LFCC-LCNN (one-class softmax) and two LFCC+GMMs (v2 and a finer front end) in a
+    # bona-normal fusion, calibrated on leave-one-system-out scores (LCNN_FUSION_CARD.md):
+    # the best LOSO estimate that holds the throughput target (README, "Unseen engines")
     "default": CHECKPOINT_DIR / "lcnn_fusion.pt",
     "lcnn-fusion": CHECKPOINT_DIR / "lcnn_fusion.pt",  # the same model by its own name
     "lcnn": CHECKPOINT_DIR / "lcnn.pt",  # its LCNN part alone (LCNN_CARD.md)

@@ -239,12 +239,34 @@ def test_default_is_the_bona_normal_lcnn_fusion_calibrated_on_loso() -> None:
     assert NAMED_MODELS["default"] == NAMED_MODELS["lcnn-fusion"]
     assert detector.architecture == "fusion" and detector.card["fusion"]["combine"] == \
         "bona-normal"
-    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lfcc-gmm-dd"}
+    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lfcc-gmm-fine", "lfcc-gmm-dd"}
     loso = detector.card["loso"]
     assert set(loso["per_engine_eer"]) == {f"T0{i}" for i in range(1, 7)}
     assert loso["pooled_eer"] < 0.2  # RawNet2-tel, the previous default: 34.5 % hidden
     alarms = detector.card["bonafide_false_alarm"]
     assert alarms["sentences"] <= 0.02 and alarms["digits"] <= 0.10
+
+
+def test_fused_numpy_parts_score_the_same_in_parallel_as_one_after_another() -> None:
+    """The default's GMM parts score shares of the batch on a thread pool; every window must
+    get its own part's score, in order, whatever the batch size or thread count."""
+    from models.inference import load_detector
+
+    fused = load_detector("default").model  # the FusedScorer
+    split = ASVspoofSplit(require(CORPUS), "dev")
+    waves = [np.resize(load_audio(split.audio_dir / f"{t.utt_id}.flac", 8000), 32000)
+             for t in split.trials()[:7]]
+    one_by_one = np.stack([np.concatenate([p.score_batch(np.stack([w])) for w in waves])
+                           for p in fused.parts], axis=1)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for size in (1, 2, 7):
+                np.testing.assert_allclose(fused.part_scores(waves[:size]),
+                                           one_by_one[:size], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_loso_bona_normal_fusion_ranks_each_fold_against_its_own_bona_fide() -> None:

@@ -139,6 +139,24 @@ def test_linear_filterbank_is_triangular_and_linear() -> None:
     assert np.all(np.abs(np.diff(peaks) - (4000 / 21) / 31.25) <= 1)
 
 
+def test_cepstra_are_the_dct_of_the_log_filterbank_energies() -> None:
+    """The front end's cached window, filterbank and DCT matrix give the textbook pipeline's
+    numbers: Hamming frames, |FFT|^2, triangles, log10, orthonormal DCT-II, first n_ceps."""
+    from scipy.fft import dct
+
+    cfg = LFCCGMMConfig(n_filters=40, n_ceps=30, preemphasis=0.0)
+    x = _harmonic(np.random.default_rng(3))
+    win, hop = cfg.win_length, cfg.hop_length
+    frames = np.stack([x[i : i + win] for i in range(0, x.size - win + 1, hop)]).astype(float)
+    power = np.abs(np.fft.rfft(frames * np.hamming(win), n=cfg.n_fft)) ** 2
+    log_energy = np.log10(power @ linear_filterbank(cfg) + np.finfo(np.float64).eps)
+    expected = dct(log_energy, type=2, norm="ortho", axis=1)[:, : cfg.n_ceps]
+    np.testing.assert_allclose(lfcc(x, cfg)[:, : cfg.n_ceps], expected, rtol=1e-9, atol=1e-9)
+    # a second config must not get the first one's cached matrices
+    other = LFCCGMMConfig(n_filters=20, n_ceps=20, preemphasis=0.0)
+    assert lfcc(x, other).shape == (frames.shape[0], 60)
+
+
 def test_diagonal_gmm_matches_sklearn() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 6)) * rng.uniform(0.5, 2, 6)

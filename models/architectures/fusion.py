@@ -30,6 +30,7 @@ sample rate, window and weights) plus the combination::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
 
@@ -74,6 +75,13 @@ def _controller() -> Any:
     return ThreadpoolController()
 
 
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Threads for the numpy parts, one per torch thread, shared by every fused model of the
+    process. Idle threads wait on a queue, so they cost nothing between batches."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fusion-numpy")
+
+
 class FusedScorer:
     """What ``load_detector`` builds for ``architecture: fusion``: ``score(waves)`` is
     ``sum_i w_i * (s_i - mean_i) / scale_i + bias`` over the parts' raw scores (``linear``)
@@ -103,16 +111,30 @@ class FusedScorer:
 
     def part_scores(self, waves: list[NDArray[np.floating]]) -> NDArray[np.float64]:
         batch = np.stack([np.asarray(w, np.float32) for w in waves])
-        out = []
-        for part in self.parts:
+        out: list[NDArray[np.float64] | None] = [None] * len(self.parts)
+        numpy_parts = []
+        for i, part in enumerate(self.parts):
             if isinstance(part.model, torch.nn.Module):
-                out.append(part.score_batch(batch))
-                continue
-            # numpy parts on one BLAS thread: OpenBLAS workers keep spinning after a small
+                out[i] = np.asarray(part.score_batch(batch), np.float64)
+            else:
+                numpy_parts.append(i)
+        if numpy_parts:
+            # The numpy parts (LFCC+GMM) run one BLAS thread each, on shares of the batch in a
+            # pool as wide as torch's thread budget: numpy's FFT and small products use one
+            # core, so one after another they left the second core idle for half the fused
+            # score. One BLAS thread, because OpenBLAS workers keep spinning after a small
             # product and starve torch's threads (measured: the RawNet2 part ran 2.2x slower
             # right after a 2-thread GMM score).
+            workers = max(1, torch.get_num_threads())
+            shares = np.array_split(np.arange(len(batch)), min(workers, len(batch)))
+            jobs = [(i, share) for i in numpy_parts for share in shares]
             with _controller().limit(limits=1, user_api="blas"):
-                out.append(part.score_batch(batch))
+                results = list(_pool(workers).map(
+                    lambda job: self.parts[job[0]].score_batch(batch[job[1]]), jobs))
+            for i in numpy_parts:
+                out[i] = np.concatenate([np.asarray(r, np.float64)
+                                         for (j, _), r in zip(jobs, results, strict=True)
+                                         if j == i])
         return np.stack(out, axis=1)
 
     def score(self, waves: list[NDArray[np.floating]]) -> NDArray[np.float64]:
