@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from callshield.v1 import detection_pb2 as pb
@@ -105,6 +106,16 @@ async def _watch_health(
         last = await _update_health(queue, servicer, last)
 
 
+def set_threads(threads: int) -> None:
+    """Threads per computation for torch and every BLAS/OpenMP library loaded (0: leave the
+    libraries' defaults). Process-wide: the command's business, not an embedder's."""
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads)
+        threadpool_limits(limits=threads)
+
+
 async def start_server(
     config: ServerConfig, detector: Detector | None = None,
     queue: InferenceQueue | None = None,
@@ -140,12 +151,14 @@ async def start_server(
     watcher = asyncio.create_task(_watch_health(queue, health_servicer, status))
     log.info("serving", listen=config.listen, port=port, model=detector.name,
              queue=config.queue, diarization=diarization is not None,
+             threads=torch.get_num_threads(),
              auth=bool(config.auth_token), tls=bool(config.tls_cert))
     return RunningServer(server, port, servicer, queue, health_servicer, watcher)
 
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM, then drain."""
+    set_threads(config.threads)
     if config.metrics_listen or config.metrics_port:
         host, port = metrics.listen_address(config.metrics_listen, config.metrics_port)
         metrics.serve(port, host)

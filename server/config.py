@@ -123,6 +123,13 @@ class ServerConfig:
     diarization_pipeline: str = ""  # official pyannote pipeline directory for Detect
     diarization_step: float = 1.0  # seconds between two streaming diarization steps
     verdict_rule: str = DEFAULT_RULE  # server.verdicts: "evidence" (CUSUM) or "ema" (earlier)
+    # Threads one model computation may use (torch intra-op, BLAS); 0: the libraries' default,
+    # one per core. The server's parallelism is across calls (the inference thread, each
+    # MIXED call's diarizer step in a worker thread); with two per computation on two cores,
+    # 12 diarized calls ran 1.7x slower and the diarizer's LSTMs 4x slower in worker threads
+    # (README, "Measured"). Applied by `python -m server` (process-wide), not by an
+    # embedding `start_server`.
+    threads: int = 1
 
     @property
     def peer_limit(self) -> int:
@@ -194,6 +201,9 @@ def parser() -> argparse.ArgumentParser:
     env.add("--verdict-rule", choices=sorted(RULES), default=d.verdict_rule,
             help="per-speaker alert rule: evidence (CUSUM over calibrated log-odds, "
                  "default) or ema (the earlier moving average)")
+    env.add("--threads", type=int, default=d.threads,
+            help="threads per model computation (torch, BLAS); 0: one per core (the "
+                 "libraries' default); 1 (default): calls run in parallel instead")
     env.add("--diarization-step", type=float,
             default=d.diarization_step,
             help="seconds between streaming diarization steps (0.25 to 1)")
@@ -213,6 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--max-streams-per-peer must be 0 (half of --max-streams) or more")
     if args.max_detect_seconds <= 0:
         p.error("--max-detect-seconds must be positive")
+    if args.threads < 0:
+        p.error("--threads must be 0 (one per core) or more")
     if not 0.25 <= args.diarization_step <= 1.0:
         p.error("--diarization-step must lie in [0.25, 1]")
     return ServerConfig(**vars(args))

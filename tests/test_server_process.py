@@ -44,6 +44,9 @@ def test_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     config = parse_args(["--model", "x.pt"])
     assert (config.listen, config.max_streams, config.model) == ("0.0.0.0:6000", 7, "x.pt")
     assert parse_args(["--listen", "127.0.0.1:1"]).listen == "127.0.0.1:1"
+    assert parse_args([]).threads == 1
+    monkeypatch.setenv("CALLSHIELD_THREADS", "0")
+    assert parse_args([]).threads == 0
 
 
 class GatedQueue(InProcessQueue):
@@ -134,6 +137,7 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert b'"event": "draining"' in err
+        assert b'"threads": 1' in err  # the default: one thread per computation, calls in parallel
     finally:
         if proc.returncode is None:
             proc.kill()
