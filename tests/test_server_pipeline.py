@@ -14,6 +14,7 @@ from callshield.v1 import detection_pb2 as pb
 from models.data.audio import alaw_encode, mulaw_encode, resample
 from server.audio import (
     MAX_CHUNK_BYTES,
+    BlockResampler,
     StreamDecoder,
     decode_container,
     decode_raw,
@@ -197,6 +198,30 @@ def test_detect_decoding_block_by_block_equals_whole_recording_resampling() -> N
     cancel.set()
     with pytest.raises(DecodeCancelled):
         decode_container(buffer.getvalue(), 8000, True, 3600, cancel)
+
+
+def test_detect_decoding_fills_one_array_sized_from_the_header() -> None:
+    """A long Detect is never held twice (its blocks and their concatenation): the decoded
+    audio and mono go into arrays allocated once from the announced length, and a wrong or
+    missing length still gives the same samples."""
+    rng = np.random.default_rng(1)
+    source = rng.normal(0, 0.1, (16000 * 25, 2)).astype(np.float32)
+    results = {}
+    for frames in (source.shape[0], 16000, None):
+        out = BlockResampler(16000, 8000, 2, False, 16000, frames)
+        allocated = (out._audio.data, out._mono_out.data)
+        for start in range(0, source.shape[0], 160000):
+            out.push(source[start : start + 160000])
+        recording = out.result()
+        if frames == source.shape[0]:
+            assert np.shares_memory(recording.audio, allocated[0])
+            assert np.shares_memory(recording.mono, allocated[1])
+        results[frames] = recording
+    exact = results[source.shape[0]]
+    assert exact.audio.shape == (8000 * 25, 1) and exact.mono.shape == (16000 * 25,)
+    for other in (results[16000], results[None]):
+        np.testing.assert_array_equal(other.audio, exact.audio)
+        np.testing.assert_array_equal(other.mono, exact.mono)
 
 
 def test_flac_without_a_length_in_its_header_is_refused_cleanly() -> None:
