@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.service.report import machine  # noqa: E402
 from diarization.evaluate import (  # noqa: E402
     CALLS,
     Call,
@@ -182,6 +182,8 @@ def main() -> None:
     p.add_argument("--calls", type=Path, default=CALLS, help="folder in ../shared/calls format")
     p.add_argument("--model", default="default", help="spoof model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="speaker embedding dtype (the server's --diarization-precision)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-diarization.json",
                    help="window scores of the last run (reused with --reuse)")
@@ -192,20 +194,22 @@ def main() -> None:
     calls = shared_calls(args.calls)
     if args.reuse:
         runs = json.loads(args.cache.read_text())
+        precision = runs.pop("_precision", "unknown")
     else:
         from diarization.offline import build_pipeline
         from diarization.stream import DiarizationModels
         from models.inference import load_detector
 
-        detector, models, pipeline = load_detector(args.model), DiarizationModels(), \
-            build_pipeline()
+        detector, models, pipeline = load_detector(args.model), \
+            DiarizationModels(precision=args.precision), build_pipeline()
+        precision = models.precision
         runs = {}
         for call in calls:
             runs[call.uri] = run_call(call, detector, models, pipeline)
             print(f"{call.uri}: stream rtf {runs[call.uri]['stream']['rtf']:.3f}, "
                   f"offline rtf {runs[call.uri]['offline']['rtf']:.3f}", flush=True)
         args.cache.parent.mkdir(parents=True, exist_ok=True)
-        args.cache.write_text(json.dumps(runs))
+        args.cache.write_text(json.dumps(runs | {"_precision": precision}))
     rows = []
     pairs: dict[str, list[Any]] = {m: [] for m in ("stream", "offline")}
     for call in calls:
@@ -234,7 +238,7 @@ def main() -> None:
         "verdicts": {f"{mode}/{rule}": pooled([r[f"{mode}/{rule}"] for r in rows])
                      for mode in MODES for rule in RULES},
         "calls": str(args.calls), "spoof_model": args.model,
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "cpu": machine()["cpu"], "threads": args.threads, "embedding_precision": precision,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "diarization.json").write_text(json.dumps(
@@ -258,8 +262,9 @@ def markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     n = len(rows)
     lines = [
         "# Diarization and verdicts benchmark (`make bench-diarization`)", "",
-        f"Calls: `{summary['calls']}` ({n}). CPU threads: {summary['threads']}. "
-        f"Spoof model: `{summary['spoof_model']}`.", "",
+        f"Calls: `{summary['calls']}` ({n}). CPU: {summary['cpu']}, threads: "
+        f"{summary['threads']}. Spoof model: `{summary['spoof_model']}`. Speaker embeddings in "
+        f"{summary['embedding_precision']} (`--precision`).", "",
         "| diarization | DER collar 0 | DER collar 0.25 s | speaker count right | mean RTF |",
         "|---|---|---|---|---|",
         f"| offline (Detect) | {d['offline']['collar_0']:.1%} | "

@@ -25,6 +25,8 @@ from pyannote.audio import Model
 from torch import nn
 from torchaudio.transforms import MelSpectrogram
 
+from diarization.batching import ConcurrentBatcher
+
 SAMPLE_RATE = 16000
 PARTIAL_FRAMES = 160  # 1.6 s, as GE2E was trained
 PARTIAL_STEP = 80
@@ -44,8 +46,11 @@ def resemblyzer_weights() -> Path:
 class ResemblyzerEmbedding(Model):
     """GE2E d-vectors (256-d, L2-normed) of 16 kHz audio; 8 kHz calls are resampled by pyannote."""
 
-    def __init__(self, weights: Path | None = None) -> None:
+    def __init__(self, weights: Path | None = None, bf16: bool = False) -> None:
+        """``bf16``: run the LSTM and the projection in bfloat16 (the mel features stay
+        float32); see ``diarization.stream.DiarizationModels``."""
         super().__init__(sample_rate=SAMPLE_RATE, num_channels=1)
+        self.bf16 = bf16
         self.mel = MelSpectrogram(
             sample_rate=SAMPLE_RATE, n_fft=400, hop_length=160, n_mels=40, power=2.0,
             norm="slaney", mel_scale="slaney", center=True, pad_mode="constant")
@@ -55,32 +60,57 @@ class ResemblyzerEmbedding(Model):
                            weights_only=False)["model_state"]
         self.load_state_dict(state, strict=False)  # the wheel also stores GE2E's loss scalars
         self.eval()
+        self.batcher = ConcurrentBatcher(self._partial_embeddings)
 
     @cached_property
     def dimension(self) -> int:
         return DIMENSION
 
-    def _embed_frames(self, mels: torch.Tensor) -> torch.Tensor:
-        """(frames, 40) -> (256,): average of L2-normed partial embeddings, L2-normed."""
+    @staticmethod
+    def _partials(mels: torch.Tensor) -> list[torch.Tensor]:
+        """(frames, 40) -> GE2E's partials: 1.6 s stretches every 0.8 s, the last one flush
+        with the end; one shorter partial when there is less than 1.6 s."""
         n = mels.shape[0]
         if n <= PARTIAL_FRAMES:
-            batch = mels[None]
-        else:
-            starts = list(range(0, n - PARTIAL_FRAMES + 1, PARTIAL_STEP))
-            if starts[-1] + PARTIAL_FRAMES < n:
-                starts.append(n - PARTIAL_FRAMES)
-            batch = torch.stack([mels[s : s + PARTIAL_FRAMES] for s in starts])
-        _, (hidden, _) = self.lstm(batch)
-        partials = F.relu(self.linear(hidden[-1]))
-        partials = partials / partials.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        mean = partials.mean(dim=0)
-        return mean / mean.norm().clamp_min(1e-8)
+            return [mels]
+        starts = list(range(0, n - PARTIAL_FRAMES + 1, PARTIAL_STEP))
+        if starts[-1] + PARTIAL_FRAMES < n:
+            starts.append(n - PARTIAL_FRAMES)
+        return [mels[s : s + PARTIAL_FRAMES] for s in starts]
+
+    @torch.inference_mode()
+    def _partial_embeddings(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """Partials (frames, 40) -> (n, 256) L2-normed: one LSTM batch per length (no
+        padding, which would change the last state, and packed sequences leave the fast
+        bfloat16 path: 5x slower)."""
+        out = torch.empty(len(partials), DIMENSION, device=partials[0].device)
+        for length in sorted({x.shape[0] for x in partials}):
+            rows = [j for j, x in enumerate(partials) if x.shape[0] == length]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                _, (hidden, _) = self.lstm(torch.stack([partials[j] for j in rows]))
+                out[rows] = F.relu(self.linear(hidden[-1])).float()
+        return out / out.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    def _embed_many(self, utterances: list[torch.Tensor]) -> torch.Tensor:
+        """[(frames, 40), ...] -> (len, 256): per utterance the average of its L2-normed
+        partial embeddings, L2-normed. The partials of all utterances (and of other calls'
+        concurrent steps: :class:`~diarization.batching.ConcurrentBatcher`) go through the
+        LSTM together."""
+        partials = [self._partials(u) for u in utterances]
+        owner = torch.tensor([i for i, ps in enumerate(partials) for _ in ps])
+        out = self.batcher([x for ps in partials for x in ps])
+        mean = torch.zeros(len(utterances), DIMENSION, device=out.device).index_add_(
+            0, owner.to(out.device), out)
+        return mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """``waveforms`` (batch, 1, samples) at 16 kHz, ``weights`` (batch, frames) in [0, 1]
         -> (batch, 256); rows with under 0.1 s of weighted speech are NaN, which pyannote's
-        pipeline treats as "no embedding" for that speaker in that chunk."""
-        mels = self.mel(waveforms[:, 0]).transpose(1, 2)  # (batch, frames, 40)
+        pipeline treats as "no embedding" for that speaker in that chunk. A single waveform
+        with several rows of ``weights`` is read once: the streaming diarizer's speakers of
+        one buffer."""
+        mels = self.mel(waveforms[:, 0]).transpose(1, 2)  # (batch or 1, frames, 40)
+        rows = waveforms.shape[0] if weights is None else weights.shape[0]
         if weights is not None:
             keep = F.interpolate(weights[:, None].float(), size=mels.shape[1],
                                  mode="nearest")[:, 0] > 0.5
@@ -89,11 +119,15 @@ class ResemblyzerEmbedding(Model):
         # per-frame power of the waveform, to bring the kept frames to TARGET_DBFS
         power = F.avg_pool1d(waveforms[:, :, : (waveforms.shape[2] // 160) * 160] ** 2, 160)[:, 0]
         power = F.pad(power, (0, mels.shape[1] - power.shape[1]), mode="replicate")
-        out = torch.full((mels.shape[0], DIMENSION), float("nan"), device=mels.device)
-        for i in range(mels.shape[0]):
-            frames = mels[i][keep[i]]
+        out = torch.full((rows, DIMENSION), float("nan"), device=mels.device)
+        kept, utterances = [], []
+        for i in range(rows):
+            w = 0 if mels.shape[0] == 1 else i
+            frames = mels[w][keep[i]]
             if frames.shape[0] >= MIN_FRAMES:
-                mean_power = power[i][keep[i]].mean().clamp_min(1e-10)
-                gain = 10 ** (TARGET_DBFS / 10) / mean_power
-                out[i] = self._embed_frames(frames * gain)
+                mean_power = power[w][keep[i]].mean().clamp_min(1e-10)
+                kept.append(i)
+                utterances.append(frames * (10 ** (TARGET_DBFS / 10) / mean_power))
+        if utterances:
+            out[kept] = self._embed_many(utterances)
         return out

@@ -131,7 +131,7 @@ async def start_server(
     )
     diarization = load_diarization(config.diarization, config.diarization_segmentation,
                                    config.diarization_pipeline, config.diarization_step,
-                                   detector.sample_rate)
+                                   detector.sample_rate, config.diarization_precision)
     servicer = DetectionServicer(detector, queue, config, diarization)
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -151,6 +151,7 @@ async def start_server(
     watcher = asyncio.create_task(_watch_health(queue, health_servicer, status))
     log.info("serving", listen=config.listen, port=port, model=detector.name,
              queue=config.queue, diarization=diarization is not None,
+             embedding_precision=diarization.models.precision if diarization else None,
              threads=torch.get_num_threads(),
              auth=bool(config.auth_token), tls=bool(config.tls_cert))
     return RunningServer(server, port, servicer, queue, health_servicer, watcher)

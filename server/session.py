@@ -58,6 +58,16 @@ class _Failed:
 _END = object()
 
 
+def _may_block(attributor: SpeakerAttributor, chunk: Decoded) -> bool:
+    """A blocking attributor that can tell (``blocks_for``) whether this chunk runs its
+    models is called inline when it does not."""
+    blocks_for = getattr(attributor, "blocks_for", None)
+    if blocks_for is None:
+        return True
+    heard = chunk.mono if chunk.mono is not None else chunk.channels[0]
+    return bool(blocks_for(heard.shape[0]))
+
+
 class Session:
     def __init__(
         self, settings: StreamSettings, queue: InferenceQueue, model_rate: int,
@@ -88,7 +98,7 @@ class Session:
         a = self.attributor
         if chunk is None:
             parts = await asyncio.to_thread(a.flush) if a.blocking else a.flush()
-        elif a.blocking:
+        elif a.blocking and _may_block(a, chunk):
             parts = await asyncio.to_thread(a.attribute, chunk.channels, chunk.mono)
         else:
             parts = a.attribute(chunk.channels, chunk.mono)

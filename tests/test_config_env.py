@@ -48,6 +48,13 @@ def test_server_reads_the_environment_and_a_flag_wins(monkeypatch: pytest.Monkey
     assert server_args(["--max-streams", "3"]).max_streams == 3
 
 
+def test_embedding_precision_is_a_flag_auto_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert server_args([]).diarization_precision == "auto"
+    monkeypatch.setenv("CALLSHIELD_DIARIZATION_PRECISION", "fp32")
+    assert server_args([]).diarization_precision == "fp32"
+    assert server_args(["--diarization-precision", "bf16"]).diarization_precision == "bf16"
+
+
 def test_a_bad_value_is_a_usage_error_naming_the_flag(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

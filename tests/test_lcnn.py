@@ -80,3 +80,36 @@ def test_unknown_loss_is_refused() -> None:
     with pytest.raises(ValueError, match="optim.loss"):
         TrainConfig.from_dict({"name": "x", "architecture": "lcnn", "model": {},
                                "optim": {"loss": "focal"}})
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 17, 9), (8, 8, 200, 40), (2, 1, 2, 2), (1, 3, 5, 3)])
+def test_strided_max_pool_is_pytorchs_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """The LCNN's pooling (maxima of strided slices, no argmax) gives exactly PyTorch's
+    MaxPool2d values, odd sizes (remainder dropped) included: a maximum rounds nothing."""
+    import torch.nn.functional as F
+
+    from models.architectures.pooling import StridedMaxPool2d
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(StridedMaxPool2d(2)(x), F.max_pool2d(x, 2))
+    with pytest.raises(ValueError, match="needs at least 2 values"):
+        StridedMaxPool2d(2)(torch.zeros(1, 1, 1, 4))
+
+
+def test_lcnn_checkpoint_still_loads_and_pools_as_before() -> None:
+    """Swapping MaxPool2d (no parameters) for the strided pooling keeps the state dict's keys,
+    so shipped checkpoints load strictly, and the body's output is MaxPool2d's."""
+    from torch import nn
+
+    from models.architectures.lcnn import LCNN, LCNNConfig
+    from models.architectures.pooling import StridedMaxPool2d
+
+    model = LCNN(LCNNConfig()).eval()
+    reference = LCNN(LCNNConfig()).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    for i, layer in enumerate(reference.body):
+        if isinstance(layer, StridedMaxPool2d):
+            reference.body[i] = nn.MaxPool2d(2)
+    x = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference(x))

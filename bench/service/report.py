@@ -38,7 +38,9 @@ def machine() -> dict[str, object]:
             gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=10,
                                  check=True).stdout.strip() or "none"
-    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu,
+    from diarization.stream import native_bf16
+
+    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu, "bf16_in_hardware": native_bf16(),
             "python": platform.python_version(), "grpcio": grpc.__version__,
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
@@ -74,7 +76,9 @@ def markdown(runs: list[Run], capacity: dict[tuple[str, str, str], Capacity],
     m = meta["machine"]
     lines = [
         "# Service capacity with the shipped defaults (gRPC end to end)", "",
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, GPU {m['gpu']}; load average at start "
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, GPU {m['gpu']}, bfloat16 in hardware: "
+        f"{'yes' if m.get('bf16_in_hardware') else 'no'} (the speaker embeddings run in "
+        "bfloat16 where it is, `--diarization-precision auto`); load average at start "
         f"{m['loadavg_at_start']}, at end {meta.get('loadavg_at_end')} (1, 5, 15 min; the "
         "machine is shared: a load above its 2 cores means other work took CPU from the "
         "server during the trials, so the counts below are lower bounds). "

@@ -41,6 +41,7 @@ from scipy.fft import dct
 from torch import nn
 
 from models.architectures.lfcc_gmm import LFCCFeatures, linear_filterbank
+from models.architectures.pooling import StridedMaxPool2d
 from models.architectures.scorer import LogitsScorer
 
 __all__ = ["LCNN", "LCNNConfig", "LCNNScorer", "LFCCFrontEnd"]
@@ -110,7 +111,8 @@ class LFCCFrontEnd(nn.Module):
         if x.shape[1] < self.win:
             x = F.pad(x, (0, self.win - x.shape[1]))
         frames = x.unfold(1, self.win, self.hop) * self.window
-        spectrum = torch.fft.rfft(frames, n=cfg.n_fft).abs().pow(2)
+        bins = torch.fft.rfft(frames, n=cfg.n_fft)
+        spectrum = bins.real.square() + bins.imag.square()  # |X|^2 without |X|'s square root
         log_energy = torch.log10(spectrum @ self.filterbank + torch.finfo(torch.float64).eps)
         if self.training and cfg.freq_mask > 0:
             log_energy = self._mask_bands(log_energy)
@@ -152,10 +154,10 @@ class LCNN(nn.Module):
         self.frontend = LFCCFrontEnd(config)
         c1, c2, c3 = config.channels
         self.body = nn.Sequential(
-            MFMConv(1, c1, 5), nn.MaxPool2d(2),
-            MFMConv(c1, c1, 1), nn.BatchNorm2d(c1), MFMConv(c1, c2, 3), nn.MaxPool2d(2),
+            MFMConv(1, c1, 5), StridedMaxPool2d(2),
+            MFMConv(c1, c1, 1), nn.BatchNorm2d(c1), MFMConv(c1, c2, 3), StridedMaxPool2d(2),
             nn.BatchNorm2d(c2),
-            MFMConv(c2, c2, 1), nn.BatchNorm2d(c2), MFMConv(c2, c3, 3), nn.MaxPool2d(2),
+            MFMConv(c2, c2, 1), nn.BatchNorm2d(c2), MFMConv(c2, c3, 3), StridedMaxPool2d(2),
             nn.BatchNorm2d(c3),
         )
         pooled_dims = c3 * (config.feature_dim // 8)
