@@ -68,11 +68,14 @@ NEURAL_RECIPES = {
     "lcnn": REPO_ROOT / "models" / "configs" / "lcnn_tel.yaml",
     "lcnn-voc": REPO_ROOT / "models" / "configs" / "lcnn_tel_voc.yaml",
     "lcnn-hr": REPO_ROOT / "models" / "configs" / "lcnn_hr_tel.yaml",
+    "lcnn-sam": REPO_ROOT / "models" / "configs" / "lcnn_sam_tel.yaml",
+    "lcnn-s1": REPO_ROOT / "models" / "configs" / "lcnn_s1_tel.yaml",
 }
 #: each neural recipe's fold scale (corpus training trials, 0: all; epochs): RawNet2 folds
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
 FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
-              "lcnn-voc": (0, 12), "lcnn-hr": (0, 12)}
+              "lcnn-voc": (0, 12), "lcnn-hr": (0, 12), "lcnn-sam": (0, 12),
+              "lcnn-s1": (0, 12)}
 
 
 def fold_scale_note(recipe: str, runs: Path | None = None) -> str:
@@ -126,6 +129,8 @@ def train_folds(args: argparse.Namespace) -> int:
                              args.fold_epochs or epochs)
         config.optim.threads = args.threads
         config.optim.device = args.device
+        if args.seed is not None:
+            config.optim.seed = args.seed
         for system in systems:
             began = time.time()
             fold = train_fold(config, system, Path(args.runs) / recipe / system)
@@ -616,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--runs", default=str(RUNS), help="where fold runs are kept")
+    p.add_argument("--seed", type=int, default=None,
+                   help="override the recipe's seed (measure seed noise; use another --runs)")
     p.set_defaults(func=train_folds)
     p = sub.add_parser("report", help="LOSO table of every recipe -> bench/results")
     p.add_argument("--mode", choices=["reduced", "full"], default="reduced")

@@ -59,3 +59,58 @@ def test_resume_continues_from_the_last_epoch(tmp_path):
     train(_config(tmp_path, epochs=1), tmp_path / "run", progress=False)
     resumed = train(_config(tmp_path, epochs=2), tmp_path / "run", progress=False)
     assert [r.epoch for r in resumed.history] == [0, 1]
+
+
+def _tiny_lcnn() -> torch.nn.Module:
+    from models.architectures.lcnn import LCNN, LCNNConfig
+
+    torch.manual_seed(0)
+    return LCNN(LCNNConfig(sample_rate=8000, n_fft=256, channels=(4, 4, 4), embedding=8))
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the tensor's scale (float noise, not a tuned bound)."""
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def test_sharpness_aware_gradient_is_taken_at_the_perturbed_weights_and_restores_them():
+    from models.tasks.antispoofing import sharpness_aware_gradient
+
+    model = _tiny_lcnn().train()
+    model.dropout.p = 0.0  # the same function at both passes
+    x = torch.randn(6, 8000, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    loss().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    for adaptive, rho in ((False, 0.05), (True, 0.5)):
+        model.zero_grad()
+        loss().backward()
+        stats = [b.clone() for b in model.buffers()]
+        sharpness_aware_gradient(model, loss, rho, adaptive)
+        sam = [p.grad for p in model.parameters()]
+        # weights restored exactly, running statistics counted once per batch
+        for p, w in zip(model.parameters(), weights, strict=True):
+            assert torch.equal(p.detach(), w)
+        for buf, before in zip(model.buffers(), stats, strict=True):
+            if buf.is_floating_point():
+                assert torch.equal(buf, before)
+        # a different gradient: the one at the ascended weights
+        assert max(_gap(a, b) for a, b in zip(plain, sam, strict=True)) > 1e-2
+        # which, taken by hand at those weights, is the same
+        with torch.no_grad():
+            grads = [g * p.abs() if adaptive else g for g, p in zip(plain, model.parameters(),
+                                                                    strict=True)]
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.add_((g * p.abs() if adaptive else g) * rho / (norm + 1e-12))
+        model.zero_grad()
+        loss().backward()
+        assert max(_gap(a, b.grad) for a, b in zip(sam, model.parameters(), strict=True)) < 1e-3
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), weights, strict=True):
+                p.copy_(w)

@@ -132,6 +132,38 @@ def score_dataset(model: torch.nn.Module, dataset: TrialDataset, batch_size: int
     return np.concatenate(out).astype(np.float64)
 
 
+def sharpness_aware_gradient(
+    model: torch.nn.Module, closure: Any, rho: float, adaptive: bool
+) -> None:
+    """Replace the gradients in ``model`` (those of the batch's loss) with SAM's: the
+    gradient at the weights moved by ``rho`` along the normalised ascent direction, then
+    move the weights back. Batch-norm statistics are not updated by the second pass, so
+    they still count each batch once."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        originals = [p.detach().clone() for p in params]  # add-then-subtract is not exact
+        scaled = [p.grad * p.abs() if adaptive else p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
+        steps = [(g * p.abs() if adaptive else g) * (rho / (norm + 1e-12))
+                 for g, p in zip(scaled, params, strict=True)]
+        for p, e in zip(params, steps, strict=True):
+            p.add_(e)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        for p in params:
+            p.grad = None
+        closure().backward()
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        with torch.no_grad():
+            for p, original in zip(params, originals, strict=True):
+                p.copy_(original)
+
+
 def train(
     config: TrainConfig, run_dir: str | Path, progress: bool = True, export_only: bool = False
 ) -> TrainResult:
@@ -204,6 +236,9 @@ def train(
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.optim.sam_rho > 0:
+                sharpness_aware_gradient(model, lambda x=x, y=y: loss_fn(model(x), y),
+                                         config.optim.sam_rho, config.optim.sam_adaptive)
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")

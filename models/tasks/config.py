@@ -58,6 +58,13 @@ class OptimConfig:
     # leave-one-system-out scores fix their epoch count and export the last one.
     select: str = "dev"
     device: str = "cpu"  # cpu, cuda or auto (make train-gpu)
+    # Sharpness-aware minimisation (Foret et al. 2021; issue 8 lists it among the levers with
+    # published gains on unseen attacks): each step first climbs to the worst point within
+    # ``sam_rho`` of the weights, then descends with the gradient found there, which favours
+    # flat minima. 0 turns it off; ``sam_adaptive`` scales the radius per weight (ASAM,
+    # Kwon et al. 2021), so it does not depend on how each layer happens to be scaled.
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
 
 
 @dataclass
