@@ -5,8 +5,7 @@
 #   2. the leave-one-system-out folds of `lcnn-voc` (the shipped LCNN recipe plus the vocoded
 #      items), six folds in parallel processes (the small LCNN is bound by CPU-side data
 #      augmentation, not by the GPU);
-#   3. the folds of `lcnn-s1` (the shipped LCNN with seed 1: a two-seed ensemble candidate);
-#      then the same for `rawnet2-voc` at full scale (every training trial, 12 epochs), if time is
+#   3. the same for `rawnet2-voc` at full scale (every training trial, 12 epochs), if time is
 #      left (each step is resumable: run the script again to finish it);
 #   4. the LOSO report over every recipe.
 # Results land under $OUT (default runs/gpu): fold scores and logs, the LOSO report. Bring
@@ -43,6 +42,5 @@ folds() {  # recipe, then extra train-folds flags: one process per held-out engi
     return $failed
 }
 folds lcnn-voc
-folds lcnn-s1  # a second LCNN seed: the two-seed ensemble candidate (README, issue 8)
 folds rawnet2-voc --fold-limit 0 --fold-epochs 12
 "$PY" -m bench.generalization report --mode full --loso-dir "$OUT/loso" | tee "$OUT/generalization.md"
