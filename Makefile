@@ -49,18 +49,22 @@ vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> run
 		--audio-dir $(CORPUS)/ASVspoof2019_LA_train/flac --out $(VOCODED) \
 		--vocoder hifigan-universal --vocoder hifigan-lj --threads 2
 
-train: install ## train the default model: LCNN (resumable; runs/lcnn-tel) + its fusion with two LFCC+GMMs
+train: install ## train the default model: two LCNN seeds (resumable; runs/lcnn-tel, runs/lcnn-s1-tel) + their fusion with two LFCC+GMMs
 	$(PY) -m models train models/configs/lcnn_tel.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn.pt --recipe lcnn \
 		--fold-scale "12 epochs on every corpus trial per fold"
+	$(PY) -m models train models/configs/lcnn_s1_tel.yaml
+	$(PY) -m bench.generalization ship models/checkpoints/lcnn_s1.pt --recipe lcnn-s1 \
+		--fold-scale "12 epochs on every corpus trial per fold"
 	$(PY) -m models train models/configs/lfcc_gmm_fine.yaml
 	$(PY) -m bench.generalization fuse-model --out models/checkpoints/lcnn_fusion.pt \
-		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lfcc_gmm_fine.pt=lfcc-gmm-fine \
+		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lcnn_s1.pt=lcnn-s1 \
+		--part models/checkpoints/lfcc_gmm_fine.pt=lfcc-gmm-fine \
 		--part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
-		--weight 0.6 --weight 0.2 --weight 0.2 --name lcnn-gmm-fusion --version 3
+		--weight 0.3 --weight 0.3 --weight 0.2 --weight 0.2 --name lcnn-gmm-fusion --version 4
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt \
-		--recipe lcnn=0.6+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2 --prior 0.94 \
-		--fold-scale "LCNN part: 12 epochs on every corpus trial per fold; LFCC+GMM parts: 32 components refitted per fold"
+		--recipe lcnn=0.3+lcnn-s1=0.3+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2 --prior 0.92 \
+		--fold-scale "LCNN parts: 12 epochs on every corpus trial per fold; LFCC+GMM parts: 32 components refitted per fold"
 	{ $(PY) -m models card --model default; cat models/checkpoints/LCNN_FUSION_NOTES.md; } \
 		> models/checkpoints/LCNN_FUSION_CARD.md
 	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md

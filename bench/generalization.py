@@ -15,7 +15,7 @@ Recipes:
   ``static: false``), quiet frames dropped (``vad_db: 30``), 32 components in both modes
   (``bench/results/gmm-exploration.md``).
 - ``lfcc-gmm-fine``: ``lfcc-gmm-dd`` on 40 linear filters and 30 cepstra (20 and 20), a part
-  of the default fusion (lcnn-gmm-fusion v3).
+  of the default fusion (lcnn-gmm-fusion v4).
 - ``whisper-lr`` / ``whisper-lr-voc``: frozen Whisper tiny.en encoder + logistic
   regression, without / with the vocoded bona fide (``make vocode``) as extra spoofs.
 - ``rawnet2`` / ``rawnet2-voc``: RawNet2-tel trained per fold from
@@ -199,7 +199,7 @@ GMM_SIZES = {"reduced": {"n_components": 32, "max_frames_per_class": 20000},
 # seed and size (gmm-exploration.md, "Quiet-frame gate").
 GMM_DD = {"static": False, "vad_db": 30.0, "n_components": 32, "max_frames_per_class": 20000}
 # lfcc-gmm-fine (models/configs/lfcc_gmm_fine.yaml): the same on 40 filters and 30 cepstra, a
-# part of the default fusion (lcnn-gmm-fusion v3). Seeds 0-2: 16.1 / 18.5 / 18.2 %
+# part of the default fusion (lcnn-gmm-fusion v4). Seeds 0-2: 16.1 / 18.5 / 18.2 %
 # pooled against 19.7-21.3 % for lfcc-gmm-dd; 48x36 and 60x32 grids scored 22 %.
 GMM_FINE = {**GMM_DD, "n_filters": 40, "n_ceps": 30}
 #: GMM recipes fitted on demand (a couple of minutes on one core): their options and cache
@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["reduced", "full"], default="reduced")
     p.add_argument("--recipes", nargs="*", default=[
         "lfcc-gmm", "lfcc-gmm-dd", "lfcc-gmm-fine", "lfcc-gmm-voc", "whisper-lr",
-        "whisper-lr-voc", "rawnet2", "rawnet2-voc", "lcnn", "lcnn-hr", "lcnn-voc"])
+        "whisper-lr-voc", "rawnet2", "rawnet2-voc", "lcnn", "lcnn-s1", "lcnn-hr", "lcnn-voc"])
     p.add_argument("--fuse", nargs="*", default=["rawnet2-voc+lfcc-gmm",
                                                  "rawnet2+lfcc-gmm-dd",
                                                  "rawnet2-voc+lfcc-gmm-dd",
@@ -637,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "lcnn+lfcc-gmm-dd",
                                                  "lcnn=0.6+lfcc-gmm-dd=0.4",
                                                  "lcnn=0.6+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2",
+                                                 "lcnn=0.3+lcnn-s1=0.3+lfcc-gmm-fine=0.2"
+                                                 "+lfcc-gmm-dd=0.2",
                                                  "lcnn=0.3+lcnn-hr=0.3+lfcc-gmm-fine=0.2"
                                                  "+lfcc-gmm-dd=0.2",
                                                  "lcnn+rawnet2-voc+lfcc-gmm-dd",
