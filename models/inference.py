@@ -35,12 +35,13 @@ from models.errors import ModelError
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
-    # LFCC-LCNN (one-class softmax) and two LFCC+GMMs (v2 and a finer front end) in a
-    # bona-normal fusion, calibrated on leave-one-system-out scores (LCNN_FUSION_CARD.md):
-    # the best LOSO estimate that holds the throughput target (README, "Unseen engines")
+    # Two LFCC-LCNNs (one-class softmax; seeds 0 and 1, the second loadable by its path,
+    # lcnn_s1.pt) and two LFCC+GMMs (v2 and a finer front end) in a bona-normal fusion,
+    # calibrated on leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO
+    # estimate that holds the throughput target (README, "Unseen engines")
     "default": CHECKPOINT_DIR / "lcnn_fusion.pt",
     "lcnn-fusion": CHECKPOINT_DIR / "lcnn_fusion.pt",  # the same model by its own name
-    "lcnn": CHECKPOINT_DIR / "lcnn.pt",  # its LCNN part alone (LCNN_CARD.md)
+    "lcnn": CHECKPOINT_DIR / "lcnn.pt",  # its seed-0 LCNN part alone (LCNN_CARD.md)
     # the previous default: telephone-band RawNet2, best on dev's seen engines, at chance on
     # an unseen neural TTS (RAWNET2_TEL_CARD.md)
     "rawnet2-tel": CHECKPOINT_DIR / "rawnet2_tel.pt",
