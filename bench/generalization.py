@@ -70,12 +70,13 @@ NEURAL_RECIPES = {
     "lcnn-hr": REPO_ROOT / "models" / "configs" / "lcnn_hr_tel.yaml",
     "lcnn-sam": REPO_ROOT / "models" / "configs" / "lcnn_sam_tel.yaml",
     "lcnn-s1": REPO_ROOT / "models" / "configs" / "lcnn_s1_tel.yaml",
+    "lcnn-s2": REPO_ROOT / "models" / "configs" / "lcnn_s2_tel.yaml",
 }
 #: each neural recipe's fold scale (corpus training trials, 0: all; epochs): RawNet2 folds
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
 FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
               "lcnn-voc": (0, 12), "lcnn-hr": (0, 12), "lcnn-sam": (0, 12),
-              "lcnn-s1": (0, 12)}
+              "lcnn-s1": (0, 12), "lcnn-s2": (0, 12)}
 
 
 def fold_scale_note(recipe: str, runs: Path | None = None) -> str:
