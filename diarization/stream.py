@@ -58,7 +58,7 @@ class StreamConfig:
     latency_seconds: float = 1.0  # right context the decided frames get (model edges are weak)
     min_embed_seconds: float = 0.8  # clean speech for a trustworthy GE2E embedding
     # A local speaker is embedded from its most recent clean speech only (0: all of it in
-    # the buffer). 3.2 s against all: DER 19.5 -> 14.7 % on the dev calls and 23.1 -> 21.1 %
+    # the buffer). 3.2 s against all: DER 19.5 -> 13.9 % on the dev calls and 23.1 -> 20.7 %
     # on 24 simulated calls, spoof calls flagged 6/7 -> 7/7, no genuine voice flagged
     # (diarization/MODEL_CARD.md); the older frames sit near the buffer's left edge, where
     # the segmentation has the least context.
