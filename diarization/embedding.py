@@ -16,7 +16,8 @@ active (``weights`` are the segmentation masks), in 1.6 s partials averaged as G
 from __future__ import annotations
 
 import importlib.util
-from functools import cached_property
+from collections.abc import Callable
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ DIMENSION = 256
 TARGET_DBFS = -30.0  # Resemblyzer's normalize_volume: the LSTM reads power, not log power
 
 
+@cache
+def bf16_lstm_supported() -> bool:
+    """Whether this CPU runs an LSTM under bfloat16 autocast at all: oneDNN emulates bfloat16
+    on AVX-512 CPUs without it, but on AVX2-only CPUs (an AMD EPYC of 2026-12-04) it cannot
+    build the LSTM primitive and every forward fails. Probed once on a tiny LSTM."""
+    lstm = nn.LSTM(4, 2, 1, batch_first=True)
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 2, 4))
+    except RuntimeError:
+        return False
+    return True
+
+
 def resemblyzer_weights() -> Path:
     """``pretrained.pt`` inside the installed wheel, found without importing the package."""
     spec = importlib.util.find_spec("resemblyzer")
@@ -50,6 +65,9 @@ class ResemblyzerEmbedding(Model):
         """``bf16``: run the LSTM and the projection in bfloat16 (the mel features stay
         float32); see ``diarization.stream.DiarizationModels``."""
         super().__init__(sample_rate=SAMPLE_RATE, num_channels=1)
+        if bf16 and not bf16_lstm_supported():  # at start-up, not at a call's first step
+            raise ValueError("this CPU cannot run the speaker embedding LSTM in bfloat16 "
+                             "(oneDNN needs AVX-512); use precision fp32 or auto")
         self.bf16 = bf16
         self.mel = MelSpectrogram(
             sample_rate=SAMPLE_RATE, n_fft=400, hop_length=160, n_mels=40, power=2.0,
@@ -60,7 +78,10 @@ class ResemblyzerEmbedding(Model):
                            weights_only=False)["model_state"]
         self.load_state_dict(state, strict=False)  # the wheel also stores GE2E's loss scalars
         self.eval()
-        self.batcher = ConcurrentBatcher(self._partial_embeddings)
+        # how the partials' LSTM pass runs: batched across concurrent calls here, or by
+        # Redis workers (DiarizationModels.use)
+        self.batcher: Callable[[list[torch.Tensor]], torch.Tensor] = ConcurrentBatcher(
+            self._partial_embeddings)
 
     @cached_property
     def dimension(self) -> int:

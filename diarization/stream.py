@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -69,6 +69,9 @@ class StreamConfig:
     max_speakers: int = 8
     centroid_update_seconds: float = 1.5  # only long clean stretches move a centroid
 
+
+ModelPass = Callable[[list[torch.Tensor]], torch.Tensor]
+"""Inputs of one shape -> a tensor with one leading row per input."""
 
 _RESAMPLER_SLACK = 320  # 20 ms at 16 kHz: more than soxr's HQ filter ever releases at once
 
@@ -130,7 +133,29 @@ class DiarizationModels:
         self.precision = "bf16" if self.bf16 else "fp32"
         self.embedding = ResemblyzerEmbedding(bf16=self.bf16)
         self.segmentation_path = segmentation
-        self.head_batcher = ConcurrentBatcher(self._heads)
+        self.head_batcher: ModelPass = ConcurrentBatcher(self._heads)
+        self.remote = False
+
+    def passes(self) -> tuple[ModelPass, ModelPass]:
+        """The model passes of a streaming step that can run elsewhere (a Redis worker,
+        ``python -m server.worker``): the segmentation model after its SincNet, over a
+        buffer's features, and GE2E's LSTM over mel partials. Each maps a list of inputs of
+        one shape to one output row per input. What stays with the call: the SincNet (its
+        per-call cache, :class:`SincCache`), the mel features and every decision."""
+        return self._heads, self.embedding._partial_embeddings
+
+    def use(self, segmentation: ModelPass, embedding: ModelPass) -> None:
+        """Run the two :meth:`passes` through these functions (the server's Redis queue:
+        ``server.queue.redis_queue.RedisPass``) instead of in this process."""
+        self.head_batcher = segmentation
+        self.embedding.batcher = embedding
+        self.remote = True
+
+    def to(self, device: torch.device | str) -> DiarizationModels:
+        """The networks of the :meth:`passes` on ``device`` (a worker's GPU)."""
+        self.segmentation.to(device)
+        self.embedding.to(device)
+        return self
 
     @torch.inference_mode()
     def segment(self, audio16k: np.ndarray, cache: SincCache | None = None,

@@ -31,7 +31,7 @@ from server.queue.base import InferenceQueue
 from server.queue.factory import make_queue
 from server.reflection import enable_server_reflection
 from server.service import DetectionServicer
-from server.speakers import load_diarization
+from server.speakers import Diarization, load_diarization
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DetectionService"].full_name
 HEALTH_POLL_SECONDS = 1.0
@@ -50,6 +50,8 @@ class RunningServer:
     queue: InferenceQueue
     health: health.aio.HealthServicer
     _watcher: asyncio.Task[None]
+    # the diarizer's model passes, when Redis workers run them (also in health)
+    pass_queues: tuple[InferenceQueue, ...] = ()
 
     async def stop(self, grace: float = 0.0) -> None:
         """Drain (see the module docstring) for ``grace`` seconds, then close the queue;
@@ -68,6 +70,8 @@ class RunningServer:
                 await _wait(servicer.idle, DRAIN_SUMMARY_SECONDS)
         await self.server.stop(0)
         await self.queue.close()
+        for queue in self.pass_queues:
+            await queue.close()
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -81,11 +85,12 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
 
 
 async def _update_health(
-    queue: InferenceQueue, servicer: health.aio.HealthServicer, last: int | None
+    queues: tuple[InferenceQueue, ...], servicer: health.aio.HealthServicer, last: int | None
 ) -> int:
-    """Set both health names from the queue's state; returns the status set."""
+    """Set both health names from the queues' state (the windows' queue first, then those of
+    the diarizer's passes: a MIXED call needs them all); returns the status set."""
     try:
-        ok = await queue.healthy()
+        ok = all([await queue.healthy() for queue in queues])
     except Exception:  # an unreachable broker is a health state, not a crash
         ok = False
     status = (health_pb2.HealthCheckResponse.SERVING if ok
@@ -94,16 +99,16 @@ async def _update_health(
         for name in ("", SERVICE_NAME):
             await servicer.set(name, status)
         log.info("health", serving=ok)
-    metrics.QUEUE_DEPTH.set(queue.depth())
+    metrics.QUEUE_DEPTH.set(queues[0].depth())
     return status
 
 
 async def _watch_health(
-    queue: InferenceQueue, servicer: health.aio.HealthServicer, last: int
+    queues: tuple[InferenceQueue, ...], servicer: health.aio.HealthServicer, last: int
 ) -> None:
     while True:
         await asyncio.sleep(HEALTH_POLL_SECONDS)
-        last = await _update_health(queue, servicer, last)
+        last = await _update_health(queues, servicer, last)
 
 
 def set_threads(threads: int) -> None:
@@ -132,6 +137,7 @@ async def start_server(
     diarization = load_diarization(config.diarization, config.diarization_segmentation,
                                    config.diarization_pipeline, config.diarization_step,
                                    detector.sample_rate, config.diarization_precision)
+    pass_queues = await _diarization_passes(config, queue, diarization)
     servicer = DetectionServicer(detector, queue, config, diarization)
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -146,15 +152,37 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     # health is known before the first probe can arrive (else NOT_FOUND, or a stale answer)
-    status = await _update_health(queue, health_servicer, None)
+    queues = (queue, *pass_queues)
+    status = await _update_health(queues, health_servicer, None)
     await server.start()
-    watcher = asyncio.create_task(_watch_health(queue, health_servicer, status))
+    watcher = asyncio.create_task(_watch_health(queues, health_servicer, status))
     log.info("serving", listen=config.listen, port=port, model=detector.name,
              queue=config.queue, diarization=diarization is not None,
              embedding_precision=diarization.models.precision if diarization else None,
+             diarization_passes="redis" if pass_queues else "local",
              threads=torch.get_num_threads(),
              auth=bool(config.auth_token), tls=bool(config.tls_cert))
-    return RunningServer(server, port, servicer, queue, health_servicer, watcher)
+    return RunningServer(server, port, servicer, queue, health_servicer, watcher, pass_queues)
+
+
+async def _diarization_passes(config: ServerConfig, queue: InferenceQueue,
+                              diarization: Diarization | None) -> tuple[InferenceQueue, ...]:
+    """With a Redis queue (and ``diarization_queue`` auto), the diarizer's model passes go
+    to the Redis workers too, on queues beside the windows' one (same broker, same key
+    prefix): the queues, started; none when the passes run in this process."""
+    if diarization is None or config.diarization_queue == "local":
+        return ()
+    from server.queue.redis_protocol import DIARIZATION_PASSES
+    from server.queue.redis_queue import RedisPass, RedisQueue
+
+    if not isinstance(queue, RedisQueue):
+        return ()
+    loop = asyncio.get_running_loop()
+    queues = tuple(queue.sibling(name) for name in DIARIZATION_PASSES)
+    for q in queues:
+        await q.start()
+    diarization.models.use(*(RedisPass(q, loop) for q in queues))
+    return queues
 
 
 async def serve(config: ServerConfig) -> None:

@@ -125,6 +125,11 @@ class ServerConfig:
     # the speaker embedding network's dtype: auto = bfloat16 where the CPU has it in hardware
     # (AVX512-BF16/AMX; about 1.8x less diarizer CPU), else float32 (diarization/stream.py)
     diarization_precision: str = "auto"
+    # Where the diarizer's model passes run: auto = where windows are scored (with --queue
+    # redis, by the Redis workers, which serve them unless started with --diarization off);
+    # local = in this process whatever the queue (the SincNet front end, the mel features and
+    # the clustering always run here)
+    diarization_queue: str = "auto"
     verdict_rule: str = DEFAULT_RULE  # server.verdicts: "evidence" (CUSUM) or "ema" (earlier)
     # Threads one model computation may use (torch intra-op, BLAS); 0: the libraries' default,
     # one per core. The server's parallelism is across calls (the inference thread, each
@@ -213,6 +218,9 @@ def parser() -> argparse.ArgumentParser:
     env.add("--diarization-precision", choices=["auto", "fp32", "bf16"],
             default=d.diarization_precision,
             help="speaker embedding dtype (auto: bf16 where the CPU has it in hardware)")
+    env.add("--diarization-queue", choices=["auto", "local"], default=d.diarization_queue,
+            help="where the diarizer's segmentation and embedding passes run (auto: on the "
+                 "Redis workers with --queue redis, else here; local: here)")
     return p
 
 

@@ -1,21 +1,26 @@
 """``python -m server.worker``: the command line of the Redis inference worker
 (:mod:`server.queue.worker`), e.g. ``python -m server.worker --redis URL --model default
---device auto``. Apart from the worker so that the worker can be embedded (tests, tools) without
-argparse, and this module stays the entry point that deployments already call."""
+--device auto``. Besides the detector's windows it serves the streaming diarizer's two model
+passes (``--diarization``, on by default where the checkpoint and packages are, as for the
+server), so the servers of a deployment with a Redis queue need no model compute for MIXED
+calls either; each stream has a consumer of its own, sharing the process's models. Apart
+from the worker so that the worker can be embedded (tests, tools) without argparse, and this
+module stays the entry point that deployments already call."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Sequence
 
 import structlog
 
-from models.inference import Detector, load_detector
+from models.inference import load_detector
 from server.config import PREFIX, EnvFlags
 from server.logs import configure, safe_url
-from server.queue.worker import Worker, WorkerConfig
+from server.queue.worker import JobHandler, RunPass, ScoreWindows, Worker, WorkerConfig
 
 log = structlog.get_logger("callshield.worker")
 
@@ -50,7 +55,17 @@ def parser() -> argparse.ArgumentParser:
     env.add("--consumer", default=d.consumer, help="worker id (default host-pid)")
     env.add("--prefix", default=d.prefix,
             help="key prefix (several deployments can share one Redis)")
-    env.add("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    env.add("--diarization", choices=["off", "on", "auto"], default="auto",
+            help="also serve the streaming diarizer's model passes for servers with "
+                 "diarization on (auto: when the segmentation checkpoint and packages exist)")
+    env.add("--diarization-segmentation", metavar="CKPT", default="",
+            help="segmentation checkpoint (default: diarization/checkpoints); the servers' own")
+    env.add("--diarization-precision", choices=["auto", "fp32", "bf16"], default="auto",
+            help="speaker embedding dtype on CPU (auto: bfloat16 where the CPU has it)")
+    env.add("--threads", type=int, default=-1,
+            help="torch CPU threads per computation (0: torch's default, one per core; "
+                 "default: 1 when the diarizer's passes are served too, since then three "
+                 "computations run at once, else 0)")
     env.add("--metrics-port", type=int, default=0)
     env.add("--log-level", default="info")
     p.set_defaults(deprecated_env=env.deprecated_used)  # read while the flags were added
@@ -68,12 +83,30 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WorkerConfig, argpars
     return config, args
 
 
-async def _amain(config: WorkerConfig, detector: Detector) -> None:
-    worker = Worker(config, detector)
+def diarization_handlers(mode: str, segmentation: str, precision: str,
+                         device: str) -> list[JobHandler]:
+    """The diarizer's model passes (``server.queue.redis_protocol.DIARIZATION_PASSES``) as
+    handlers, loaded as the server loads them (:func:`server.speakers.load_diarization`);
+    none when ``mode`` is off, or auto without the checkpoint."""
+    from server.queue.redis_protocol import DIARIZATION_PASSES
+    from server.speakers import load_diarization
+
+    diarization = load_diarization(mode, segmentation, "", 1.0, 0, precision)
+    if diarization is None:
+        return []
+    models = diarization.models.to(device)
+    return [RunPass(name, run, device)
+            for name, run in zip(DIARIZATION_PASSES, models.passes(), strict=True)]
+
+
+async def _amain(config: WorkerConfig, handlers: Sequence[JobHandler]) -> None:
+    """One consumer per stream served; SIGTERM stops them all (each finishes its batch)."""
+    workers = [Worker(dataclasses.replace(config, model=config.model if i == 0 else h.name), h)
+               for i, h in enumerate(handlers)]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+        loop.add_signal_handler(sig, lambda: [w.stop() for w in workers])
+    await asyncio.gather(*(w.run() for w in workers))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,21 +114,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure(args.log_level)
     for old, new in args.deprecated_env:
         log.warning("deprecated_environment_variable", variable=old, use=new)
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
     from models.inference import resolve_device
 
     device = resolve_device(config.device)
     detector = load_detector(config.model, device=str(device), half=device.type == "cuda")
+    handlers: list[JobHandler] = [ScoreWindows(detector)]
+    handlers += diarization_handlers(args.diarization, args.diarization_segmentation,
+                                     args.diarization_precision, str(device))
+    # Measured on 2 cores (README, "Redis queue and workers"): with the passes served, one
+    # thread per computation held 10 MIXED calls where torch's default (2) held 5.
+    threads = args.threads if args.threads >= 0 else (1 if len(handlers) > 1 else 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
     log.info("worker_model_loaded", model=detector.name, version=detector.version,
-             device=str(device), redis=safe_url(config.redis_url))
-    asyncio.run(_amain(config, detector))
+             device=str(device), redis=safe_url(config.redis_url),
+             passes=[h.name for h in handlers[1:]])
+    asyncio.run(_amain(config, handlers))
 
 
 if __name__ == "__main__":

@@ -49,11 +49,13 @@ def redis_server() -> Iterator[str]:
 
 def start_worker(url: str, prefix: str, consumer: str, *extra: str) -> subprocess.Popen[bytes]:
     """A real Redis worker on the default model, one CPU thread; it takes over a dead worker's
-    jobs after 1 s (``--claim-idle-ms``), so that tests which kill one stay short. Later flags
-    in ``extra`` override these."""
+    jobs after 1 s (``--claim-idle-ms``), so that tests which kill one stay short. Without the
+    diarizer's passes (pyannote's import would slow every start), unless ``extra`` says
+    ``--diarization on``: later flags override these."""
     return devstack.start_worker(
         url, consumer, "--device", "cpu", "--prefix", prefix, "--threads", "1",
-        "--claim-idle-ms", "1000", "--heartbeat-ttl", "2", "--log-level", "info", *extra)
+        "--claim-idle-ms", "1000", "--heartbeat-ttl", "2", "--log-level", "info",
+        "--diarization", "off", *extra)
 
 
 def wait_ready(url: str, prefix: str, consumer: str, proc: subprocess.Popen[bytes]) -> None:

@@ -98,6 +98,17 @@ def test_default_model_reproduces_its_card_on_dev(tmp_path):
     done = run_models("evaluate", "--scores", str(out), "--protocol",
                       str(split.protocol_path), "--json")
     result = json.loads(done.stdout)
-    assert result["eer"] == pytest.approx(card["dev_eer"]["pooled"], abs=1e-3)
+    # The card was measured on one CPU; another one's float rounding can move a trial that
+    # sits on the threshold across it (an AVX2-only AMD EPYC: 4.74 % against the card's
+    # 4.57 %, one bona fide trial of 396). One trial of each class moves the EER by at most
+    # 1/bona fide + 1/spoof trials: that much is tolerated, and no more.
+    trials = split.trials()
+    bona = sum(t.is_bonafide for t in trials)
+
+    def one_flip(system: str | None = None) -> float:
+        spoof = sum(not t.is_bonafide and system in (None, t.system) for t in trials)
+        return 1 / bona + 1 / spoof
+
+    assert result["eer"] == pytest.approx(card["dev_eer"]["pooled"], abs=one_flip())
     for system, eer in result["eer_per_system"].items():
-        assert eer == pytest.approx(card["dev_eer"][system], abs=3e-3)
+        assert eer == pytest.approx(card["dev_eer"][system], abs=one_flip(system))

@@ -147,9 +147,13 @@ def test_pyannote_sample_streaming_der_and_stable_labels(diarization_models: Any
 
 @pytest.fixture(scope="module")
 def embedders() -> dict[str, Any]:
-    from diarization.embedding import ResemblyzerEmbedding
+    """float32, and bfloat16 where this CPU can run its LSTM at all."""
+    from diarization.embedding import ResemblyzerEmbedding, bf16_lstm_supported
 
-    return {"fp32": ResemblyzerEmbedding(), "bf16": ResemblyzerEmbedding(bf16=True)}
+    found = {"fp32": ResemblyzerEmbedding()}
+    if bf16_lstm_supported():
+        found["bf16"] = ResemblyzerEmbedding(bf16=True)
+    return found
 
 
 def _speech_masks(models: Any, uri: str = "call_dev_07") -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +211,12 @@ def test_bfloat16_embeddings_point_where_float32_ones_do(
     less than that threshold. Measured on the dev calls: cosine >= 0.998, median 0.9999."""
     import torch
 
+    from diarization.embedding import ResemblyzerEmbedding
+
+    if "bf16" not in embedders:  # an AVX2-only CPU: refused when built, not mid-call
+        with pytest.raises(ValueError, match="cannot run the speaker embedding LSTM"):
+            ResemblyzerEmbedding(bf16=True)
+        return
     cosines = []
     for buffer, masks in _speech_masks(diarization_models):
         if not masks.shape[1]:
@@ -618,6 +628,66 @@ async def test_bonafide_call_raises_no_alert(diarizing_server: RunningServer) ->
     summary = events[-1]
     assert summary["type"] == "summary" and len(summary["speakers"]) >= 2
     assert code == 0 and not [e for e in events if e["type"] == "alert"]
+
+
+async def test_redis_workers_run_the_diarizer_passes(
+    detector: Detector, redis_server: str, redis_backend: Any, diarization_models: Any
+) -> None:
+    """With ``--queue redis`` the diarizer's segmentation and embedding passes are jobs for
+    the Redis workers (issue 9): a real worker serving them, a spoof call streamed MIXED over
+    gRPC gets the labels the in-process diarizer gives and the alert on the cloned voice; a
+    server whose workers do not serve the passes is NOT_SERVING, although windows could be
+    scored."""
+    import uuid
+
+    from diarization.stream import StreamingDiarizer, diarize_stream
+    from server.devstack import wait_worker
+    from server.queue.redis_protocol import DIARIZATION_PASSES
+    from server.queue.redis_queue import RedisQueue
+    from tests.conftest import start_worker, stop_process
+    from tests.service_fixtures import NOT_SERVING, SERVING, health_status, wait_health
+
+    # the session's shared worker scores windows only (tests/conftest.py: --diarization off)
+    async with serving(detector, redis_backend.queue(), queue="redis",
+                       redis_url=redis_server, diarization="on") as running:
+        assert await health_status(running.port) == NOT_SERVING
+
+    prefix = f"d{uuid.uuid4().hex[:8]}"
+    worker = start_worker(redis_server, prefix, "dz", "--diarization", "on")
+    try:
+        for model in ("default", *DIARIZATION_PASSES):
+            await asyncio.to_thread(wait_worker, redis_server, "dz", worker, model=model,
+                                    prefix=prefix)
+        queue = RedisQueue(redis_server, "default", prefix=prefix)
+        async with serving(detector, queue, queue="redis", redis_url=redis_server,
+                           diarization="on") as running:
+            await wait_health(running.port, SERVING, 30)
+            assert running.servicer.diarization.models.remote
+            call = _call("call_dev_04")  # party B is a Flite TTS voice from 3.4 s on
+            code, events = await _stream(running, call.audio)
+            answered = [sum(q.batch_sizes.values()) for q in running.pass_queues]
+    finally:
+        stop_process(worker)
+    # every step's segmentation and every speaker embedding came from the worker
+    assert [q.keys.model for q in running.pass_queues] == list(DIARIZATION_PASSES)
+    assert min(answered) > 0, answered
+    # ... and gave the call the windows and speakers the in-process passes give it
+    async with serving(detector, diarization="on") as local_server:
+        assert not local_server.servicer.diarization.models.remote
+        local_code, local_events = await _stream(local_server, call.audio)
+
+    def windows(evs: list[dict]) -> set[tuple[str, float, float]]:
+        return {(e["speaker"], e["start"], e["end"]) for e in evs if e["type"] == "window"}
+
+    remote, local = windows(events), windows(local_events)
+    assert len(remote & local) >= 0.95 * max(len(remote), len(local)), (remote ^ local)
+    assert [s["speaker"] for s in events[-1]["speakers"]] == \
+        [s["speaker"] for s in local_events[-1]["speakers"]]
+    turns = diarize_stream(StreamingDiarizer(diarization_models, 8000), call.load())
+    voices = label_to_voice(reference(call), annotation(turns))
+    alerts = [e for e in events if e["type"] == "alert"]
+    assert code == local_code == 3 and alerts
+    assert voices.get(alerts[0]["speaker"]) in call.spoof_voices
 
 
 # Measured on the dev calls with the streaming diarizer and the evidence rule

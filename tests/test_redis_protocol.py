@@ -15,12 +15,14 @@ from redis.connection import Encoder
 
 from server.queue.base import WindowScore
 from server.queue.redis_protocol import (
+    ArrayMessage,
     ErrorMessage,
     JobMessage,
     MalformedMessage,
     RedisKeys,
     ScoreMessage,
     decode_audio,
+    decode_payload,
     encode_audio,
     result_from_fields,
 )
@@ -87,16 +89,49 @@ def test_malformed_results_are_named() -> None:
         result_from_fields({k: v for k, v in OLD_SCORE.items() if k != b"score"})
 
 
+# A model-pass job (the diarizer's, issue 9): a window job plus its payload's shape, so that
+# a worker of the previous version, which never reads a pass's stream, would still parse it.
+PASS_JOB = JobMessage(
+    token="77ab", job_id="diarization-segmentation-3:0", stream_id="diarization-segmentation-3",
+    reply="callshield:results:abc", enqueued_at=1700000000.5, deadline=1700000015.5,
+    audio_key="callshield:audio:77ab", audio_format="f32", samples=6, shape=(2, 3))
+ROW = np.array([[0.25, -1.5, 3.0], [1e-8, 0.0, -0.0]], np.float32)
+ARRAY = PASS_JOB.answered(ROW, batch=4, worker="host-12")
+
+
+def test_model_pass_messages_are_pinned() -> None:
+    assert wire(PASS_JOB.to_fields()) == {
+        b"token": b"77ab", b"job": b"diarization-segmentation-3:0",
+        b"stream": b"diarization-segmentation-3", b"reply": b"callshield:results:abc",
+        b"t": b"1700000000.5", b"deadline": b"1700000015.5",
+        b"audio": b"callshield:audio:77ab", b"fmt": b"f32", b"n": b"6", b"shape": b"2,3"}
+    assert wire(ARRAY.to_fields()) == {
+        b"token": b"77ab", b"job": b"diarization-segmentation-3:0",
+        b"array": ROW.astype("<f4").tobytes(), b"shape": b"2,3", b"batch": b"4",
+        b"worker": b"host-12"}
+    assert JobMessage.from_fields(wire(PASS_JOB.to_fields())) == PASS_JOB
+    back = result_from_fields(wire(ARRAY.to_fields()))
+    assert isinstance(back, ArrayMessage) and back == ARRAY and back.array.dtype == np.float32
+    payload = decode_payload(encode_audio(ROW.reshape(-1), "f32"), PASS_JOB)
+    assert payload.shape == (2, 3) and np.array_equal(payload, ROW)
+    with pytest.raises(MalformedMessage, match="array of 20 bytes"):
+        result_from_fields(wire(ARRAY.to_fields()) | {b"array": b"x" * 20})
+    with pytest.raises(MalformedMessage, match="not a shape"):
+        JobMessage.from_fields(wire(PASS_JOB.to_fields()) | {b"shape": b"2,x"})
+
+
 def test_messages_round_trip_through_redis(redis_server: str) -> None:
     client = redis.Redis.from_url(redis_server)
     stream = f"t{uuid.uuid4().hex[:8]}:roundtrip"
     try:
-        for message in (JOB, SCORE, ERROR):
+        for message in (JOB, SCORE, ERROR, PASS_JOB, ARRAY):
             client.xadd(stream, message.to_fields())
-        (_, job), (_, score), (_, error) = client.xrange(stream)
+        (_, job), (_, score), (_, error), (_, pass_job), (_, array) = client.xrange(stream)
         assert JobMessage.from_fields(job) == JOB
         assert result_from_fields(score) == SCORE  # repr(float): the score exactly
         assert result_from_fields(error) == ERROR
+        assert JobMessage.from_fields(pass_job) == PASS_JOB
+        assert result_from_fields(array) == ARRAY  # the bytes of the rows exactly
     finally:
         client.delete(stream)
         client.close()

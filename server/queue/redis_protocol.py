@@ -19,6 +19,11 @@ Layout (all keys under ``{prefix}:``, ``callshield`` by default; :class:`RedisKe
     workers:{model}       set of worker ids; ``worker:{model}:{id}`` is each one's heartbeat,
                           a key with a TTL
 
+``{model}`` is a detector's name for scoring windows, or one of :data:`DIARIZATION_PASSES`
+for the streaming diarizer's model passes: the same jobs, carrying a float32 array of the
+``shape`` field's shape instead of a window, answered with an :class:`ArrayMessage` (the
+pass's output row for that input) instead of a score.
+
 Values are what redis-py writes for the Python types given (``str`` as UTF-8, ``int`` and
 ``float`` as their ``repr``); scores travel as ``repr(float)`` so that they round-trip exactly.
 
@@ -42,6 +47,12 @@ from server.queue.base import WindowScore
 
 AUDIO_FORMATS = ("f32", "i16")
 GROUP = "workers"
+# The streaming diarizer's two model passes (diarization.stream.DiarizationModels.passes):
+# the segmentation model after its SincNet front end, over one call's 5 s buffer features,
+# and GE2E's LSTM over one 1.6 s partial of mel frames.
+SEGMENTATION_PASS = "diarization-segmentation"
+EMBEDDING_PASS = "diarization-embedding"
+DIARIZATION_PASSES = (SEGMENTATION_PASS, EMBEDDING_PASS)
 
 Fields = Mapping[bytes, bytes]
 """A stream entry as redis-py returns it (``decode_responses`` off)."""
@@ -114,6 +125,8 @@ class JobMessage:
     gets a new one); ``job_id`` is the window's own id, echoed back for logs and errors;
     ``reply`` is the results stream of the server that waits; a worker past ``deadline`` (epoch
     seconds) answers with an error instead of scoring, since the server has given up.
+    ``shape``: the payload's array shape for a model-pass job (``()``: a window of
+    ``samples`` samples, and no ``shape`` field on the wire, as before model passes).
     """
 
     token: str
@@ -125,11 +138,23 @@ class JobMessage:
     audio_key: str
     audio_format: str
     samples: int
+    shape: tuple[int, ...] = ()
 
     def to_fields(self) -> FieldValues:
-        return {"token": self.token, "job": self.job_id, "stream": self.stream_id,
-                "reply": self.reply, "t": self.enqueued_at, "deadline": self.deadline,
-                "audio": self.audio_key, "fmt": self.audio_format, "n": self.samples}
+        fields: FieldValues = {
+            "token": self.token, "job": self.job_id, "stream": self.stream_id,
+            "reply": self.reply, "t": self.enqueued_at, "deadline": self.deadline,
+            "audio": self.audio_key, "fmt": self.audio_format, "n": self.samples}
+        if self.shape:
+            fields["shape"] = encode_shape(self.shape)
+        return fields
+
+    def answered(self, array: np.ndarray, batch: int, worker: str) -> ArrayMessage:
+        """The answer to this model-pass job: its output ``array``, from a pass over
+        ``batch`` inputs."""
+        return ArrayMessage(token=self.token, job_id=self.job_id,
+                            array=np.ascontiguousarray(array, dtype=np.float32),
+                            batch=batch, worker=worker)
 
     def scored(self, score: WindowScore, batch: int, worker: str) -> ScoreMessage:
         """The answer to this job: ``score`` came from a forward over ``batch`` windows."""
@@ -154,6 +179,7 @@ class JobMessage:
             audio_key=as_text(_required(fields, "audio")),
             audio_format=as_text(_required(fields, "fmt")),
             samples=_number(fields, "n", int),
+            shape=_shape(fields, "shape") if b"shape" in fields else (),
         )
 
 
@@ -185,6 +211,43 @@ class ScoreMessage:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class ArrayMessage:
+    """A model pass's output for one job, as a worker adds it to ``results:{server_id}``:
+    float32, little-endian, inline (a few KB: 293 frames x 7 classes of segmentation, or one
+    256-d embedding), so the server needs no second round trip."""
+
+    token: str
+    job_id: str
+    array: np.ndarray
+    batch: int  # inputs of the same pass
+    worker: str
+
+    def to_fields(self) -> FieldValues:
+        return {"token": self.token, "job": self.job_id,
+                "array": np.ascontiguousarray(self.array, dtype="<f4").tobytes(),
+                "shape": encode_shape(self.array.shape), "batch": self.batch,
+                "worker": self.worker}
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> ArrayMessage:
+        shape = _shape(fields, "shape")
+        data = _required(fields, "array")
+        if len(data) != 4 * int(np.prod(shape)):
+            raise MalformedMessage(f"array of {len(data)} bytes, shape {shape}")
+        return cls(token=as_text(_required(fields, "token")), job_id=as_text(fields.get(b"job")),
+                   array=np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32),
+                   batch=_number(fields, "batch", int, b"1"),
+                   worker=as_text(fields.get(b"worker")))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArrayMessage) and (
+            (self.token, self.job_id, self.batch, self.worker)
+            == (other.token, other.job_id, other.batch, other.worker)
+            and self.array.shape == other.array.shape
+            and bool(np.array_equal(self.array, other.array)))
+
+
 @dataclass(frozen=True)
 class ErrorMessage:
     """A window a worker gave up on (expired, bad payload, inference failed, retried too
@@ -206,15 +269,33 @@ class ErrorMessage:
                    worker=as_text(fields.get(b"worker")))
 
 
-ResultMessage = ScoreMessage | ErrorMessage
+ResultMessage = ScoreMessage | ArrayMessage | ErrorMessage
 
 
 def result_from_fields(fields: Fields) -> ResultMessage:
-    """An entry of a results stream: an error when it has an ``error`` field, else a score.
-    Raises :class:`MalformedMessage`."""
+    """An entry of a results stream: an error when it has an ``error`` field, a model pass's
+    output when it has an ``array``, else a score. Raises :class:`MalformedMessage`."""
     if b"error" in fields:
         return ErrorMessage.from_fields(fields)
+    if b"array" in fields:
+        return ArrayMessage.from_fields(fields)
     return ScoreMessage.from_fields(fields)
+
+
+def encode_shape(shape: tuple[int, ...]) -> str:
+    """``(80, 293)`` -> ``"80,293"``."""
+    return ",".join(str(int(n)) for n in shape)
+
+
+def _shape(fields: Fields, name: str) -> tuple[int, ...]:
+    raw = as_text(_required(fields, name))
+    try:
+        shape = tuple(int(n) for n in raw.split(","))
+    except ValueError:
+        raise MalformedMessage(f"field {name!r} is not a shape: {raw!r}") from None
+    if not shape or min(shape) < 0:
+        raise MalformedMessage(f"field {name!r} is not a shape: {raw!r}")
+    return shape
 
 
 def encode_audio(audio: np.ndarray, fmt: str) -> bytes:
@@ -224,6 +305,17 @@ def encode_audio(audio: np.ndarray, fmt: str) -> bytes:
         scaled = np.clip(np.round(np.asarray(audio, np.float64) * 32768.0), -32768, 32767)
         return scaled.astype("<i2").tobytes()
     raise ValueError(f"unknown audio format {fmt!r} (one of {AUDIO_FORMATS})")
+
+
+def decode_payload(data: bytes, message: JobMessage) -> np.ndarray:
+    """A job's payload: its window (1-D), or its model-pass input (``shape``). Raises
+    ValueError when the payload does not match the message."""
+    audio = decode_audio(data, message.audio_format, message.samples)
+    if not message.shape:
+        return audio
+    if int(np.prod(message.shape)) != message.samples:
+        raise ValueError(f"shape {message.shape} does not hold {message.samples} values")
+    return audio.reshape(message.shape)
 
 
 def decode_audio(data: bytes, fmt: str, samples: int) -> np.ndarray:

@@ -17,9 +17,12 @@ import contextlib
 import time
 import uuid
 from collections import Counter
+from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 import structlog
+import torch
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -30,6 +33,7 @@ from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, Windo
 from server.queue.redis_protocol import (
     AUDIO_FORMATS,
     GROUP,
+    ArrayMessage,
     ErrorMessage,
     Fields,
     JobMessage,
@@ -84,7 +88,8 @@ class RedisQueue(InferenceQueue):
         self.op_timeout = op_timeout
         #: batch sizes the workers reported with each result (metrics, tests)
         self.batch_sizes: Counter[int] = Counter()
-        self._pending: dict[str, tuple[asyncio.Future[WindowScore], str]] = {}
+        # token -> (future of a WindowScore, or of an array for model passes; job id)
+        self._pending: dict[str, tuple[asyncio.Future[Any], str]] = {}
         self._redis: aioredis.Redis | None = None
         self._reader_redis: aioredis.Redis | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -136,35 +141,56 @@ class RedisQueue(InferenceQueue):
             await self._reader_redis.aclose()
             self._reader_redis = None
 
+    def sibling(self, model: str) -> RedisQueue:
+        """A queue on the same broker, key prefix and settings for another job stream
+        (``model``: a detector, or one of the diarizer's model passes)."""
+        return RedisQueue(self.url, model, job_timeout=self.job_timeout,
+                          audio_ttl=self.audio_ttl, jobs_maxlen=self.jobs_maxlen,
+                          op_timeout=self.op_timeout, prefix=self.keys.prefix)
+
     async def submit(self, job: WindowJob) -> WindowScore:
+        result = await self._submit(job.job_id, job.stream_id, job.audio, (), self.audio_format)
+        assert isinstance(result, WindowScore)
+        return result
+
+    async def run_pass(self, job_id: str, stream_id: str, array: np.ndarray) -> np.ndarray:
+        """One input of a model pass (this queue's ``model`` is the pass) -> its output row.
+        Always float32 on the wire: the rows must be those the server would compute itself.
+        Raises :class:`QueueUnavailable` as ``submit`` does."""
+        result = await self._submit(job_id, stream_id, array, tuple(array.shape), "f32")
+        assert isinstance(result, np.ndarray)
+        return result
+
+    async def _submit(self, job_id: str, stream_id: str, array: np.ndarray,
+                      shape: tuple[int, ...], fmt: str) -> WindowScore | np.ndarray:
         if self._redis is None:
             raise QueueUnavailable("redis queue is not started")
         token = uuid.uuid4().hex
         audio_key = self.keys.audio(token)
         now = time.time()
         message = JobMessage(
-            token=token, job_id=job.job_id, stream_id=job.stream_id, reply=self.results_key,
+            token=token, job_id=job_id, stream_id=stream_id, reply=self.results_key,
             enqueued_at=now, deadline=now + self.job_timeout, audio_key=audio_key,
-            audio_format=self.audio_format, samples=int(job.audio.shape[0]))
-        future: asyncio.Future[WindowScore] = asyncio.get_running_loop().create_future()
-        self._pending[token] = (future, job.job_id)
+            audio_format=fmt, samples=int(array.size), shape=shape)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[token] = (future, job_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(audio_key, encode_audio(job.audio, self.audio_format), ex=self.audio_ttl)
+                pipe.set(audio_key, encode_audio(array.reshape(-1), fmt), ex=self.audio_ttl)
                 pipe.xadd(self.keys.jobs, message.to_fields(), maxlen=self.jobs_maxlen,
                           approximate=True)
                 await pipe.execute()
             return await asyncio.wait_for(future, self.job_timeout)
         except RedisError as exc:
-            log.warning("submit_failed", job_id=job.job_id, stream_id=job.stream_id,
-                        error=str(exc))
+            log.warning("submit_failed", job_id=job_id, stream_id=stream_id, error=str(exc))
             raise QueueUnavailable(f"redis: {exc}") from exc
         except TimeoutError as exc:
-            log.warning("job_timeout", job_id=job.job_id, stream_id=job.stream_id,
+            log.warning("job_timeout", job_id=job_id, stream_id=stream_id, jobs=self.keys.jobs,
                         timeout_s=self.job_timeout)
+            what = f"{self.model} job {job_id} not answered" if shape else \
+                f"window {job_id} not scored"
             raise QueueUnavailable(
-                f"window {job.job_id} not scored within {self.job_timeout:g} s "
-                "(no live worker?)") from exc
+                f"{what} within {self.job_timeout:g} s (no live worker?)") from exc
         finally:
             self._pending.pop(token, None)
 
@@ -238,6 +264,9 @@ class RedisQueue(InferenceQueue):
             future.set_exception(JobFailed(f"window {job_id}: {message.error}"))
             return
         self.batch_sizes[message.batch] += 1
+        if isinstance(message, ArrayMessage):
+            future.set_result(message.array)
+            return
         future.set_result(WindowScore(
             job_id=job_id, score=message.score,
             spoof_probability=message.spoof_probability, model=message.model))
@@ -247,3 +276,32 @@ class RedisQueue(InferenceQueue):
             if not future.done():
                 future.set_exception(exc)
 
+
+
+class RedisPass:
+    """A model pass of the streaming diarizer run by Redis workers, for the diarizer's
+    thread: ``DiarizationModels.use(segmentation=..., embedding=...)`` takes it where the
+    in-process :class:`~diarization.batching.ConcurrentBatcher` would be. Each input is a job
+    of its own, so workers batch inputs from every call's step as they batch windows; the
+    calling thread waits for its rows, the event loop does not.
+
+    Why no batching here: the worker's ``XREADGROUP COUNT n`` already gathers what the calls
+    submitted meanwhile, and a lead caller waiting on a round trip would hold the others."""
+
+    def __init__(self, queue: RedisQueue, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue = queue
+        self.loop = loop
+        self.passes = 0
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if not inputs:
+            raise ValueError("a model pass needs at least one input")
+        future = asyncio.run_coroutine_threadsafe(self._run(inputs), self.loop)
+        return torch.from_numpy(np.stack(future.result()))
+
+    async def _run(self, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+        self.passes += 1
+        stream = f"{self.queue.model}-{self.passes}"
+        return list(await asyncio.gather(*(
+            self.queue.run_pass(f"{stream}:{i}", stream, x.detach().cpu().numpy())
+            for i, x in enumerate(inputs))))

@@ -2,14 +2,18 @@
 command line, ``python -m server.worker``, is :mod:`server.worker`).
 
 Runs anywhere that reaches the Redis server, as many copies as there are GPUs or cores to fill.
-Each loop it takes up to ``max_batch`` windows from the model's job stream (consumer group
-``workers``), waiting at most ``max_wait_ms`` after the first one for more to arrive (Triton's
-``max_queue_delay``), scores them in ONE forward (:func:`server.queue.batching.score_jobs`, the
-code the in-process queue runs too), publishes every result to the stream of the server that owns
-it, and only then acknowledges the jobs, in the same MULTI. A worker that dies between reading and
-acknowledging leaves its jobs pending; live workers take them over with ``XAUTOCLAIM`` once they
-have been idle ``claim_idle_ms`` and retry them up to ``max_attempts`` deliveries, after which
-the server gets an error result instead of waiting forever.
+A :class:`Worker` consumes one job stream with one :class:`JobHandler`: a detector scoring
+windows (:class:`ScoreWindows`), or one of the streaming diarizer's model passes
+(:class:`RunPass`); ``python -m server.worker`` runs one Worker per stream it serves, in one
+process that loads each model once. Each loop it takes up to ``max_batch`` jobs from its
+stream (consumer group ``workers``), waiting at most ``max_wait_ms`` after the first one for
+more to arrive (Triton's ``max_queue_delay``), runs them in ONE pass (for windows
+:func:`server.queue.batching.score_jobs`, the code the in-process queue runs too), publishes
+every result to the stream of the server that owns it, and only then acknowledges the jobs, in
+the same MULTI. A worker that dies between reading and acknowledging leaves its jobs pending;
+live workers take them over with ``XAUTOCLAIM`` once they have been idle ``claim_idle_ms`` and
+retry them up to ``max_attempts`` deliveries, after which the server gets an error result
+instead of waiting forever.
 
 Liveness: ``worker:{model}:{id}`` is SET with a TTL every third of it; the server's health check
 counts the keys still alive. The heartbeat is refreshed only while the read loop is working (its
@@ -31,10 +35,14 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 import redis.asyncio as aioredis
 import structlog
+import torch
 from prometheus_client import Counter
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -74,6 +82,56 @@ class WorkerConfig:
     prefix: str = "callshield"
 
 
+class JobHandler(Protocol):
+    """What a worker runs over one batch of decoded jobs, in a worker thread: one answer per
+    job, in order (a score, an array, or an error)."""
+
+    name: str  # for logs: the model or the pass
+    device: str
+
+    def answer(self, jobs: Sequence[tuple[wire.JobMessage, np.ndarray]],
+               worker: str) -> list[wire.ResultMessage]: ...
+
+
+class ScoreWindows:
+    """A detector scoring windows in one forward (:func:`score_jobs`, as in-process)."""
+
+    def __init__(self, detector: Detector) -> None:
+        self.detector = detector
+        self.name = detector.name
+        self.device = str(detector.device)
+
+    def answer(self, jobs: Sequence[tuple[wire.JobMessage, np.ndarray]],
+               worker: str) -> list[wire.ResultMessage]:
+        scores = score_jobs(self.detector, [WindowJob(m.job_id, m.stream_id, audio)
+                                            for m, audio in jobs])
+        return [m.scored(s, len(jobs), worker) for (m, _), s in zip(jobs, scores, strict=True)]
+
+
+class RunPass:
+    """One model pass of the streaming diarizer (``DiarizationModels.passes``): inputs of one
+    shape go through ``run`` together, each job answered with its own output row. The pass is
+    the function the server would call in-process, so a Redis worker's rows are the ones the
+    server would compute itself."""
+
+    def __init__(self, name: str, run: Callable[[list[torch.Tensor]], torch.Tensor],
+                 device: torch.device | str = "cpu") -> None:
+        self.name = name
+        self.run = run
+        self.device = str(device)
+
+    def answer(self, jobs: Sequence[tuple[wire.JobMessage, np.ndarray]],
+               worker: str) -> list[wire.ResultMessage]:
+        answers: list[wire.ResultMessage | None] = [None] * len(jobs)
+        for shape in {a.shape for _, a in jobs}:
+            rows = [i for i, (_, a) in enumerate(jobs) if a.shape == shape]
+            out = self.run([torch.from_numpy(jobs[i][1]).to(self.device) for i in rows])
+            out = out.float().cpu().numpy()
+            for r, i in enumerate(rows):
+                answers[i] = jobs[i][0].answered(out[r], len(rows), worker)
+        return [a for a in answers if a is not None]
+
+
 @dataclass(frozen=True)
 class _Job:
     """A job read off the stream: its message, and the entry id that acknowledges it."""
@@ -83,11 +141,13 @@ class _Job:
 
 
 class Worker:
-    """One consumer of one model's job stream."""
+    """One consumer of one job stream (``config.model``'s): a detector's windows, or a model
+    pass of the diarizer (``handler``, a :class:`JobHandler`)."""
 
-    def __init__(self, config: WorkerConfig, detector: Detector) -> None:
+    def __init__(self, config: WorkerConfig, handler: Detector | JobHandler) -> None:
         self.config = config
-        self.detector = detector
+        self.handler: JobHandler = (ScoreWindows(handler) if isinstance(handler, Detector)
+                                    else handler)
         self.keys = wire.RedisKeys(config.model, config.prefix)
         # No redis-py retries: the loop below retries with its own short backoff.
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
@@ -115,8 +175,8 @@ class Worker:
             self._loop_ok = False
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         log.info("worker_started", worker=self.config.consumer, jobs=self.keys.jobs,
-                 model=self.detector.name, device=str(self.detector.device),
-                 dtype=str(self.detector.dtype), max_batch=self.config.max_batch)
+                 model=self.handler.name, device=self.handler.device,
+                 max_batch=self.config.max_batch)
         backoff = 0.1
         try:
             while not self._stopping.is_set():
@@ -163,7 +223,7 @@ class Worker:
         ttl_ms = int(self.config.heartbeat_ttl * 1000)
         while True:
             info = json.dumps({"worker": self.config.consumer, "host": socket.gethostname(),
-                               "pid": os.getpid(), "device": str(self.detector.device),
+                               "pid": os.getpid(), "device": self.handler.device,
                                "batches": self.batches, "jobs": self.jobs_done})
             if not self._loop_ok:  # the read loop is failing: let the key expire
                 await asyncio.sleep(self.config.heartbeat_ttl / 3)
@@ -260,12 +320,12 @@ class Worker:
         return jobs
 
     async def _process(self, jobs: list[_Job]) -> None:
-        """Score ``jobs`` in one forward and answer every one of them, score or error."""
+        """Run ``jobs`` in one pass and answer every one of them, result or error."""
         consumer = self.config.consumer
         payloads = await self.redis.mget([j.message.audio_key for j in jobs])
         now = time.time()
         answers: list[tuple[_Job, wire.ResultMessage]] = []
-        scorable: list[tuple[_Job, WindowJob]] = []
+        runnable: list[tuple[_Job, np.ndarray]] = []
         for job, payload in zip(jobs, payloads, strict=True):
             m = job.message
             if now > m.deadline:
@@ -275,25 +335,24 @@ class Worker:
                 answers.append((job, m.failed("audio payload expired", consumer)))
             else:
                 try:
-                    audio = wire.decode_audio(payload, m.audio_format, m.samples)
-                    scorable.append((job, WindowJob(m.job_id, m.stream_id, audio)))
+                    runnable.append((job, wire.decode_payload(payload, m)))
                 except ValueError as exc:
                     answers.append((job, m.failed(f"bad payload: {exc}", consumer)))
-        if scorable:
-            batch = len(scorable)
+        if runnable:
+            batch = len(runnable)
             started = time.perf_counter()
             try:
-                scores = await asyncio.to_thread(
-                    score_jobs, self.detector, [window for _, window in scorable])
-                answers += [(job, job.message.scored(s, batch, consumer))
-                            for (job, _), s in zip(scorable, scores, strict=True)]
+                results = await asyncio.to_thread(
+                    self.handler.answer, [(job.message, x) for job, x in runnable], consumer)
+                answers += [(job, r) for (job, _), r in zip(runnable, results, strict=True)]
             except Exception as exc:  # a model failure answers the batch, never hangs it
                 log.exception("batch_failed", job_ids=[j.message.job_id for j in jobs])
                 answers += [(job, job.message.failed(f"inference failed: {exc}", consumer))
-                            for job, _ in scorable]
+                            for job, _ in runnable]
             elapsed = time.perf_counter() - started
-            metrics.observe_batch(batch, elapsed)
-            log.debug("batch_scored", batch=batch, seconds=round(elapsed, 4),
+            if isinstance(self.handler, ScoreWindows):  # the histograms count windows
+                metrics.observe_batch(batch, elapsed)
+            log.debug("batch_done", batch=batch, seconds=round(elapsed, 4),
                       job_ids=[j.message.job_id for j in jobs])
         await self._publish(answers)
 
