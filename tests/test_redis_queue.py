@@ -214,3 +214,59 @@ async def test_sigterm_finishes_the_batch_in_hand(
             task.cancel()
         await asyncio.gather(*submitted, return_exceptions=True)
         await client.aclose()
+
+
+async def test_model_passes_from_a_thread_come_back_row_for_row(redis_server: str) -> None:
+    """The diarizer's model passes over Redis (``RedisPass`` on the server, ``RunPass`` in a
+    worker): inputs of several shapes from concurrent threads, each caller gets the rows of
+    its own inputs, exactly, and the worker ran same-shape inputs in one pass. The pass is a
+    stand-in (row sums and a tag of the input's shape) since the transport is what is tested
+    here; tests/test_diarization.py runs the real ones through a real worker process."""
+    import dataclasses
+    import threading
+
+    import torch
+
+    from server.queue.redis_queue import RedisPass
+    from server.queue.worker import RunPass, Worker, WorkerConfig
+
+    calls: list[list[tuple[int, ...]]] = []  # the input shapes of each pass the worker ran
+
+    def rows(inputs: list[torch.Tensor]) -> torch.Tensor:
+        calls.append([tuple(x.shape) for x in inputs])
+        return torch.stack([torch.stack([x.sum(), torch.tensor(float(x.shape[0]))])
+                            for x in inputs])
+
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    config = WorkerConfig(redis_url=redis_server, model="diarization-embedding", prefix=prefix,
+                          max_wait_ms=50.0)
+    worker = Worker(dataclasses.replace(config, consumer="inproc"),
+                    RunPass("diarization-embedding", rows))
+    running = asyncio.create_task(worker.run())
+    queue = RedisQueue(redis_server, "default", prefix=prefix).sibling("diarization-embedding")
+    await queue.start()
+    bridge = RedisPass(queue, asyncio.get_running_loop())
+    rng = np.random.default_rng(0)
+    batches = [[torch.from_numpy(rng.standard_normal((n, 3)).astype(np.float32))
+                for n in (2, 2, 5)] for _ in range(4)]
+    got: dict[int, torch.Tensor] = {}
+
+    def caller(i: int) -> None:
+        got[i] = bridge(batches[i])
+
+    try:
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(batches))]
+        for t in threads:
+            t.start()
+        await asyncio.to_thread(lambda: [t.join(30) for t in threads])
+    finally:
+        await queue.close()
+        worker.stop()
+        await running
+    passes = list(calls)
+    for i, inputs in enumerate(batches):
+        assert torch.equal(got[i], rows(inputs)), i
+    # 12 inputs of 2 shapes: fewer passes than inputs, none mixing shapes
+    assert sum(len(p) for p in passes) == 12 and len(passes) < 12
+    assert all(len(set(p)) == 1 for p in passes), passes
+    assert sum(queue.batch_sizes.values()) == 12
