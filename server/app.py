@@ -159,7 +159,7 @@ async def start_server(
     log.info("serving", listen=config.listen, port=port, model=detector.name,
              queue=config.queue, diarization=diarization is not None,
              embedding_precision=diarization.models.precision if diarization else None,
-             diarization_passes="redis" if pass_queues else "local",
+             diarization_passes=("redis" if pass_queues else "local") if diarization else None,
              threads=torch.get_num_threads(),
              auth=bool(config.auth_token), tls=bool(config.tls_cert))
     return RunningServer(server, port, servicer, queue, health_servicer, watcher, pass_queues)

@@ -277,7 +277,6 @@ class RedisQueue(InferenceQueue):
                 future.set_exception(exc)
 
 
-
 class RedisPass:
     """A model pass of the streaming diarizer run by Redis workers, for the diarizer's
     thread: ``DiarizationModels.use(segmentation=..., embedding=...)`` takes it where the
