@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE := 1
 	bench-generalization loso-folds train-gpu train-fusion bench-memory train-rawnet2
 CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
+# The default model's fusion recipe (weights per part) and calibration prior (LCNN_FUSION_CARD.md)
+DEFAULT_RECIPE := lcnn=0.2+lcnn-s1=0.2+lcnn-voc=0.2+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2
+DEFAULT_PRIOR := 0.92
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,27 +47,38 @@ run: install ## server with the in-process queue and the default model on 127.0.
 run-redis: install ## a local redis-server, two workers and the server
 	bash scripts/run-redis.sh
 
-vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> runs/vocoded/train
-	$(PY) -m models vocode --protocol $(CORPUS)/ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.train.trn.txt \
-		--audio-dir $(CORPUS)/ASVspoof2019_LA_train/flac --out $(VOCODED) \
-		--vocoder hifigan-universal --vocoder hifigan-lj --threads 2
+VOCODE := $(PY) -m models vocode --protocol $(CORPUS)/ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.train.trn.txt \
+	--audio-dir $(CORPUS)/ASVspoof2019_LA_train/flac --out $(VOCODED)
 
-train: install ## train the default model: two LCNN seeds (resumable; runs/lcnn-tel, runs/lcnn-s1-tel) + their fusion with two LFCC+GMMs
+# One process per vocoder (one thread each: ~12 min on 2 cores), then a pass that finds
+# every file written and lists both vocoders' items in one protocol.
+vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> runs/vocoded/train
+	$(VOCODE) --vocoder hifigan-universal --threads 1 --quiet & a=$$!; \
+	$(VOCODE) --vocoder hifigan-lj --threads 1 --quiet & b=$$!; \
+	wait $$a && wait $$b
+	$(VOCODE) --vocoder hifigan-universal --vocoder hifigan-lj --quiet
+
+train: install vocode ## train the default model: two LCNN seeds and an LCNN on vocoded data (resumable; runs/lcnn-tel*) + their fusion with two LFCC+GMMs
 	$(PY) -m models train models/configs/lcnn_tel.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn.pt --recipe lcnn \
 		--fold-scale "12 epochs on every corpus trial per fold"
 	$(PY) -m models train models/configs/lcnn_s1_tel.yaml
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn_s1.pt --recipe lcnn-s1 \
 		--fold-scale "12 epochs on every corpus trial per fold"
+	$(PY) -m models train models/configs/lcnn_tel_voc.yaml
+	$(PY) -m bench.generalization ship models/checkpoints/lcnn_voc.pt --recipe lcnn-voc \
+		--fold-scale "12 epochs on every corpus trial and every vocoded item per fold"
 	$(PY) -m models train models/configs/lfcc_gmm_fine.yaml
 	$(PY) -m bench.generalization fuse-model --out models/checkpoints/lcnn_fusion.pt \
 		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lcnn_s1.pt=lcnn-s1 \
+		--part models/checkpoints/lcnn_voc.pt=lcnn-voc \
 		--part models/checkpoints/lfcc_gmm_fine.pt=lfcc-gmm-fine \
 		--part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
-		--weight 0.3 --weight 0.3 --weight 0.2 --weight 0.2 --name lcnn-gmm-fusion --version 4
+		--weight 0.2 --weight 0.2 --weight 0.2 --weight 0.2 --weight 0.2 \
+		--name lcnn-gmm-fusion --version 5
 	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt \
-		--recipe lcnn=0.3+lcnn-s1=0.3+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2 --prior 0.92 \
-		--fold-scale "LCNN parts: 12 epochs on every corpus trial per fold; LFCC+GMM parts: 32 components refitted per fold"
+		--recipe $(DEFAULT_RECIPE) --prior $(DEFAULT_PRIOR) \
+		--fold-scale "LCNN parts: 12 epochs on every corpus trial (lcnn-voc: and every vocoded item) per fold; LFCC+GMM parts: 32 components refitted per fold"
 	{ $(PY) -m models card --model default; cat models/checkpoints/LCNN_FUSION_NOTES.md; } \
 		> models/checkpoints/LCNN_FUSION_CARD.md
 	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md
@@ -93,7 +107,7 @@ loso-folds: install ## train the neural recipes' leave-one-system-out folds (lon
 bench-generalization: install ## LOSO EER per recipe (reduced, < 20 min) -> bench/results/generalization.*
 	$(PY) -m bench.generalization report --mode reduced
 
-train-gpu: ## on a CUDA machine: vocode, then the lcnn-voc and rawnet2-voc LOSO folds ($$OUT)
+train-gpu: ## on a CUDA machine: vocode, then full-scale rawnet2-voc and rawnet2 LOSO folds ($$OUT)
 	bash scripts/train-gpu.sh
 
 train-baselines: install ## train LFCC+GMM (calibrated on its LOSO scores) and AASIST-L on the same data

@@ -15,7 +15,7 @@ Recipes:
   ``static: false``), quiet frames dropped (``vad_db: 30``), 32 components in both modes
   (``bench/results/gmm-exploration.md``).
 - ``lfcc-gmm-fine``: ``lfcc-gmm-dd`` on 40 linear filters and 30 cepstra (20 and 20), a part
-  of the default fusion (lcnn-gmm-fusion v4).
+  of the default fusion (lcnn-gmm-fusion v5).
 - ``whisper-lr`` / ``whisper-lr-voc``: frozen Whisper tiny.en encoder + logistic
   regression, without / with the vocoded bona fide (``make vocode``) as extra spoofs.
 - ``rawnet2`` / ``rawnet2-voc``: RawNet2-tel trained per fold from
@@ -24,6 +24,10 @@ Recipes:
   trained with ``python -m bench.generalization train-folds`` in the background (resumable,
   ``runs/loso/``) and the report reads their scores; ``--mode reduced`` reports whatever
   folds exist and says which are missing.
+- ``lcnn`` / ``lcnn-s1`` / ``lcnn-s2`` / ``lcnn-hr`` / ``lcnn-voc``: the LFCC-LCNN
+  (``models/configs/lcnn*_tel*.yaml``) at full scale per fold (every training trial, 12
+  epochs; ``lcnn-voc`` adds the vocoded bona fide as spoofs), trained the same way; their
+  fold scores are committed in ``bench/results/loso/``.
 - ``fusion(a+b)``: a logistic-regression fusion of the recipes' scores, weights fitted on the
   pooled LOSO scores of the other folds (leave-one-fold-out, so the fusion is LOSO too).
 - ``fusion(a=0.6+b=0.4)``: the bona-normal fusion (``models.architectures.fusion``): each
@@ -434,7 +438,8 @@ def run_report(args: argparse.Namespace) -> int:
                 results[recipe] = folds
                 missing = sorted(set(systems) - {f.held_out for f in folds})
                 notes[recipe] = fold_scale_note(recipe, Path(args.loso_dir)) + (
-                    f"; folds missing: {missing}" if missing else "")
+                    "; plus the vocoded bona fide as spoofs" if recipe.endswith("-voc")
+                    else "") + (f"; folds missing: {missing}" if missing else "")
     complete = {k: v for k, v in results.items() if len(v) == len(systems)}
     for combo in args.fuse:
         names, weights = parse_fusion(combo)
@@ -629,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["reduced", "full"], default="reduced")
     p.add_argument("--recipes", nargs="*", default=[
         "lfcc-gmm", "lfcc-gmm-dd", "lfcc-gmm-fine", "lfcc-gmm-voc", "whisper-lr",
-        "whisper-lr-voc", "rawnet2", "rawnet2-voc", "lcnn", "lcnn-s1", "lcnn-hr", "lcnn-voc"])
+        "whisper-lr-voc", "rawnet2", "rawnet2-voc", "lcnn", "lcnn-s1", "lcnn-s2", "lcnn-hr",
+        "lcnn-voc"])
     p.add_argument("--fuse", nargs="*", default=["rawnet2-voc+lfcc-gmm",
                                                  "rawnet2+lfcc-gmm-dd",
                                                  "rawnet2-voc+lfcc-gmm-dd",
@@ -642,6 +648,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  "+lfcc-gmm-dd=0.2",
                                                  "lcnn=0.3+lcnn-hr=0.3+lfcc-gmm-fine=0.2"
                                                  "+lfcc-gmm-dd=0.2",
+                                                 "lcnn=0.3+lcnn-voc=0.3+lfcc-gmm-fine=0.2"
+                                                 "+lfcc-gmm-dd=0.2",
+                                                 "lcnn=0.2+lcnn-s1=0.2+lcnn-s2=0.2"
+                                                 "+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2",
+                                                 "lcnn=0.2+lcnn-s1=0.2+lcnn-voc=0.2"
+                                                 "+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2",
                                                  "lcnn+rawnet2-voc+lfcc-gmm-dd",
                                                  "lcnn-voc+lfcc-gmm-dd"])
     p.add_argument("--threads", type=int, default=2)

@@ -35,8 +35,9 @@ from models.errors import ModelError
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "callshield/1"
 NAMED_MODELS = {
-    # Two LFCC-LCNNs (one-class softmax; seeds 0 and 1, the second loadable by its path,
-    # lcnn_s1.pt) and two LFCC+GMMs (v2 and a finer front end) in a bona-normal fusion,
+    # Three LFCC-LCNNs (one-class softmax; seeds 0 and 1, and one trained with vocoded bona
+    # fide as extra spoofs, the last two loadable by their paths, lcnn_s1.pt and
+    # lcnn_voc.pt) and two LFCC+GMMs (v2 and a finer front end) in a bona-normal fusion,
     # calibrated on leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO
     # estimate that holds the throughput target (README, "Unseen engines")
     "default": CHECKPOINT_DIR / "lcnn_fusion.pt",

@@ -239,8 +239,8 @@ def test_default_is_the_bona_normal_lcnn_fusion_calibrated_on_loso() -> None:
     assert NAMED_MODELS["default"] == NAMED_MODELS["lcnn-fusion"]
     assert detector.architecture == "fusion" and detector.card["fusion"]["combine"] == \
         "bona-normal"
-    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lcnn-s1", "lfcc-gmm-fine",
-                                                          "lfcc-gmm-dd"}
+    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lcnn-s1", "lcnn-voc",
+                                                          "lfcc-gmm-fine", "lfcc-gmm-dd"}
     loso = detector.card["loso"]
     assert set(loso["per_engine_eer"]) == {f"T0{i}" for i in range(1, 7)}
     assert loso["pooled_eer"] < 0.2  # RawNet2-tel, the previous default: 34.5 % hidden
