@@ -24,9 +24,9 @@ Recipes:
   trained with ``python -m bench.generalization train-folds`` in the background (resumable,
   ``runs/loso/``) and the report reads their scores; ``--mode reduced`` reports whatever
   folds exist and says which are missing.
-- ``lcnn`` / ``lcnn-s1`` / ``lcnn-s2`` / ``lcnn-hr`` / ``lcnn-voc``: the LFCC-LCNN
+- ``lcnn`` / ``lcnn-s1`` / ``lcnn-s2`` / ``lcnn-hr`` / ``lcnn-voc`` / ``lcnn-voc-s1``: the LFCC-LCNN
   (``models/configs/lcnn*_tel*.yaml``) at full scale per fold (every training trial, 12
-  epochs; ``lcnn-voc`` adds the vocoded bona fide as spoofs), trained the same way; their
+  epochs; the ``-voc`` ones add the vocoded bona fide as spoofs), trained the same way; their
   fold scores are committed in ``bench/results/loso/``.
 - ``fusion(a+b)``: a logistic-regression fusion of the recipes' scores, weights fitted on the
   pooled LOSO scores of the other folds (leave-one-fold-out, so the fusion is LOSO too).
@@ -71,6 +71,7 @@ NEURAL_RECIPES = {
     "rawnet2-voc": REPO_ROOT / "models" / "configs" / "rawnet2_tel_voc.yaml",
     "lcnn": REPO_ROOT / "models" / "configs" / "lcnn_tel.yaml",
     "lcnn-voc": REPO_ROOT / "models" / "configs" / "lcnn_tel_voc.yaml",
+    "lcnn-voc-s1": REPO_ROOT / "models" / "configs" / "lcnn_voc_s1_tel.yaml",
     "lcnn-hr": REPO_ROOT / "models" / "configs" / "lcnn_hr_tel.yaml",
     "lcnn-sam": REPO_ROOT / "models" / "configs" / "lcnn_sam_tel.yaml",
     "lcnn-s1": REPO_ROOT / "models" / "configs" / "lcnn_s1_tel.yaml",
@@ -79,7 +80,7 @@ NEURAL_RECIPES = {
 #: each neural recipe's fold scale (corpus training trials, 0: all; epochs): RawNet2 folds
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
 FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
-              "lcnn-voc": (0, 12), "lcnn-hr": (0, 12), "lcnn-sam": (0, 12),
+              "lcnn-voc": (0, 12), "lcnn-voc-s1": (0, 12), "lcnn-hr": (0, 12), "lcnn-sam": (0, 12),
               "lcnn-s1": (0, 12), "lcnn-s2": (0, 12)}
 
 
@@ -438,7 +439,7 @@ def run_report(args: argparse.Namespace) -> int:
                 results[recipe] = folds
                 missing = sorted(set(systems) - {f.held_out for f in folds})
                 notes[recipe] = fold_scale_note(recipe, Path(args.loso_dir)) + (
-                    "; plus the vocoded bona fide as spoofs" if recipe.endswith("-voc")
+                    "; plus the vocoded bona fide as spoofs" if "-voc" in recipe
                     else "") + (f"; folds missing: {missing}" if missing else "")
     complete = {k: v for k, v in results.items() if len(v) == len(systems)}
     for combo in args.fuse:
@@ -635,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="*", default=[
         "lfcc-gmm", "lfcc-gmm-dd", "lfcc-gmm-fine", "lfcc-gmm-voc", "whisper-lr",
         "whisper-lr-voc", "rawnet2", "rawnet2-voc", "lcnn", "lcnn-s1", "lcnn-s2", "lcnn-hr",
-        "lcnn-voc"])
+        "lcnn-voc", "lcnn-voc-s1"])
     p.add_argument("--fuse", nargs="*", default=["rawnet2-voc+lfcc-gmm",
                                                  "rawnet2+lfcc-gmm-dd",
                                                  "rawnet2-voc+lfcc-gmm-dd",
@@ -654,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2",
                                                  "lcnn=0.2+lcnn-s1=0.2+lcnn-voc=0.2"
                                                  "+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2",
+                                                 "lcnn=0.2+lcnn-s1=0.2+lcnn-voc=0.2"
+                                                 "+lcnn-voc-s1=0.2+lfcc-gmm-fine=0.2"
+                                                 "+lfcc-gmm-dd=0.2",
                                                  "lcnn+rawnet2-voc+lfcc-gmm-dd",
                                                  "lcnn-voc+lfcc-gmm-dd"])
     p.add_argument("--threads", type=int, default=2)
