@@ -12,22 +12,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
+import shutil
+import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import soundfile
 import websockets
 from aiohttp import web
 
-from models.data.audio import mulaw_encode
+from models.data.audio import alaw_encode, mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.asterisk import AmiTarget
 from plugins.core import DetectorLink
+from plugins.siprec.rtp import build_rtp
+from plugins.siprec.server import SiprecSettings
 from plugins.twilio import TwilioSettings, signature
 from plugins.webhook import WebhookSender
 from server.devstack import SHARED
@@ -381,8 +388,9 @@ WEBHOOK_SECRET = "webhook-secret"
 async def plugin_stack(
     detector_port: int, ami: FakeAmi, http: FakeHttp, **detector_fields: Any
 ) -> AsyncIterator[RunningPlugins]:
-    """All four plugins on free 127.0.0.1 ports (the WebSocket ones sharing one), talking to
-    the detector on ``detector_port`` and to the fake back ends."""
+    """All five plugins on free 127.0.0.1 ports (the WebSocket ones sharing one; SIPREC's
+    RTP in :func:`siprec_rtp_range`), talking to the detector on ``detector_port`` and to
+    the fake back ends."""
     settings = PluginSettings(
         audiosocket="127.0.0.1:0", twilio="127.0.0.1:0/twilio",
         freeswitch="127.0.0.1:0/fork", audiohook="127.0.0.1:0/audiohook",
@@ -390,7 +398,8 @@ async def plugin_stack(
         twilio_settings=TwilioSettings(
             auth_token=TWILIO_TOKEN, api_base=http.url,
             alert_url="https://app.example.com/fraud?speaker=$speaker&score=$score"),
-        audiohook_api_key=AUDIOHOOK_KEY)
+        audiohook_api_key=AUDIOHOOK_KEY,
+        siprec=SiprecSettings(listen="127.0.0.1:0", rtp_ports=siprec_rtp_range()))
     webhook = WebhookSender([f"{http.url}/hook"], WEBHOOK_SECRET, backoff_seconds=0.05)
     detector = DetectorLink(f"127.0.0.1:{detector_port}", webhook=webhook, **detector_fields)
     running = await start_plugins(settings, detector)
@@ -402,3 +411,346 @@ async def plugin_stack(
 
 def ws_url(running: RunningPlugins, path: str) -> str:
     return f"ws://127.0.0.1:{running.ports['twilio']}{path}"
+
+
+# --- SIPREC (an SRC: SBC or PBX) ------------------------------------------------------------
+
+SIPREC_BOUNDARY = "callshield-boundary"
+
+
+def siprec_metadata(session_id: str, parties: list[tuple[str, str, str, str]],
+                    dialect: str = "rfc7865", caller_flag: str = "") -> str:
+    """Recording metadata for ``parties`` (participant id, AOR, stream id, SDP label), each
+    sending one stream, in the RFC 7865 form or the older draft form (Oracle/Acme, Avaya:
+    ``<participant id=...>`` with ``<send>`` inline). ``caller_flag``: the participant id
+    that carries Oracle's ``<apkt:callingParty>true</apkt:callingParty>`` extension."""
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           '<recording xmlns="urn:ietf:params:xml:ns:recording:1">',
+           "<datamode>complete</datamode>"]
+    if dialect == "rfc7865":
+        out += ['<group group_id="7+OTCyoxTmqmqyA/1weDAg==">',
+                "<associate-time>2026-12-07T07:00:00Z</associate-time></group>",
+                f'<session session_id="{session_id}">',
+                "<sipSessionID>ab30317f1a784dc48ff824d0d3715d86;"
+                "remote=47755a9de7794ba387653f2099600ef2</sipSessionID>",
+                '<group-ref>7+OTCyoxTmqmqyA/1weDAg==</group-ref></session>']
+        for pid, aor, _sid, _label in parties:
+            out.append(f'<participant participant_id="{pid}"><nameID aor="{aor}">'
+                       f"<name xml:lang=\"en\">{pid[:4]}</name></nameID></participant>")
+        for _pid, _aor, sid, label in parties:
+            out.append(f'<stream stream_id="{sid}" session_id="{session_id}">'
+                       f"<label>{label}</label></stream>")
+        for pid, _aor, sid, _label in parties:
+            recv = "".join(f"<recv>{s}</recv>" for _p, _a, s, _l in parties if s != sid)
+            out.append(f'<participantstreamassoc participant_id="{pid}">'
+                       f"<send>{sid}</send>{recv}</participantstreamassoc>")
+    else:
+        out.append(f'<session id="{session_id}"><start-time>2026-12-07T07:00:00Z'
+                   "</start-time></session>")
+        for pid, aor, sid, _label in parties:
+            flag = ('<extensiondata xmlns:apkt="http://acmepacket.com/siprec/extensiondata">'
+                    "<apkt:callingParty>true</apkt:callingParty></extensiondata>"
+                    if pid == caller_flag else "")
+            out.append(f'<participant id="{pid}" session="{session_id}">'
+                       f'<nameID aor="{aor}"><name>{pid[:4]}</name></nameID>'
+                       f"<send>{sid}</send>{flag}</participant>")
+        for _pid, _aor, sid, label in parties:
+            out.append(f'<stream id="{sid}" session="{session_id}"><label>{label}</label>'
+                       "</stream>")
+    out.append("</recording>")
+    return "\r\n".join(out)
+
+
+def siprec_sdp(address: str, ports: list[int], labels: list[str], codecs: str = "0 101",
+               direction: str = "sendonly") -> str:
+    lines = ["v=0", f"o=SRC 1234 1 IN IP4 {address}", "s=SIPREC", f"c=IN IP4 {address}",
+             "t=0 0"]
+    for port, label in zip(ports, labels, strict=True):
+        lines += [f"m=audio {port} RTP/AVP {codecs}", "a=rtpmap:0 PCMU/8000",
+                  "a=rtpmap:8 PCMA/8000", "a=rtpmap:9 G722/8000",
+                  "a=rtpmap:101 telephone-event/8000", f"a=label:{label}", f"a={direction}"]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def siprec_body(sdp: str, metadata: str | None, extra: list[tuple[str, str]] = ()) -> str:
+    """The multipart/mixed body: SDP, metadata, then ``extra`` parts (Cisco's GTD...)."""
+    parts = [("application/sdp", sdp)]
+    if metadata is not None:
+        parts.append(("application/rs-metadata+xml", metadata))
+    parts += list(extra)
+    out = []
+    for kind, content in parts:
+        disposition = ("\r\nContent-Disposition: recording-session"
+                       if kind.startswith("application/rs-metadata") else "")
+        out.append(f"--{SIPREC_BOUNDARY}\r\nContent-Type: {kind}{disposition}\r\n\r\n"
+                   f"{content.rstrip()}\r\n")
+    return "".join(out) + f"--{SIPREC_BOUNDARY}--\r\n"
+
+
+def sip_request(method: str, uri: str, call_id: str, cseq: int, body: str = "", *,
+                local: tuple[str, int], transport: str = "UDP", from_tag: str = "src1",
+                to_tag: str = "", content_type: str = "", require: str = "siprec",
+                branch: str = "") -> bytes:
+    """An SRC's request, as Cisco CUBE writes one (Require: siprec, +sip.src Contact)."""
+    host, port = local
+    headers = [
+        f"Via: SIP/2.0/{transport} {host}:{port};branch={branch or 'z9hG4bK' + uuid.uuid4().hex}",
+        "Max-Forwards: 70", f"From: <sip:src@{host}>;tag={from_tag}",
+        f"To: <{uri}>" + (f";tag={to_tag}" if to_tag else ""), f"Call-ID: {call_id}",
+        f"CSeq: {cseq} {method}", f"Contact: <sip:src@{host}:{port}>;+sip.src",
+        "User-Agent: callshield-test-src"]
+    if method == "INVITE" and require:
+        headers.append(f"Require: {require}")
+    if body:
+        headers.append("Content-Type: " + (content_type or
+                                           f"multipart/mixed;boundary={SIPREC_BOUNDARY}"))
+    headers.append(f"Content-Length: {len(body.encode())}")
+    return ("\r\n".join([f"{method} {uri} SIP/2.0", *headers]) + "\r\n\r\n" + body).encode()
+
+
+class SipPeer(asyncio.DatagramProtocol):
+    """An SRC's UDP socket: send requests, read what comes back (replies and our BYEs)."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def open(cls, target: tuple[str, int]) -> SipPeer:
+        loop = asyncio.get_running_loop()
+        _t, peer = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0),
+                                                       remote_addr=target)
+        return peer
+
+    @property
+    def local(self) -> tuple[str, int]:
+        assert self.transport is not None
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return str(host), int(port)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a datagram endpoint's transport (CPython's is not a DatagramTransport subclass)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.inbox.put_nowait(data)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data)
+
+    async def receive(self, seconds: float = 10.0) -> bytes:
+        return await asyncio.wait_for(self.inbox.get(), seconds)
+
+    async def status(self, seconds: float = 10.0, skip: tuple[int, ...] = (100,)) -> bytes:
+        """The next response whose status is not in ``skip``."""
+        while True:
+            data = await self.receive(seconds)
+            if data.startswith(b"SIP/2.0 ") and int(data.split(b" ", 2)[1]) not in skip:
+                return data
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def rtp_packets(pcm: np.ndarray, ssrc: int, payload_type: int = 0, seq0: int = 1000,
+                ts0: int = 160000) -> list[bytes]:
+    """20 ms PCMU (0) or PCMA (8) packets of ``pcm`` (int16, 8 kHz)."""
+    encode = mulaw_encode if payload_type == 0 else alaw_encode
+    return [build_rtp(payload_type, seq0 + i, ts0 + i * FRAME, ssrc,
+                      encode(pcm[i * FRAME : (i + 1) * FRAME]).tobytes())
+            for i in range(len(pcm) // FRAME)]
+
+
+def write_rtp_pcap(path: Any, streams: list[list[bytes]], dst_ports: list[int],
+                   src: str = "127.0.0.1", dst: str = "127.0.0.1") -> None:
+    """A libpcap file (Ethernet/IPv4/UDP) of RTP ``streams``, packet i of every stream at
+    i * 20 ms, stream k to ``dst_ports[k]``: what ``sipp``'s ``play_pcap_audio`` replays, to
+    the m-line port of the answer plus each packet's port offset from the lowest one."""
+    def checksum(header: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+
+    src_ip, dst_ip = (bytes(int(x) for x in a.split(".")) for a in (src, dst))
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
+    for i in range(max(len(s) for s in streams)):
+        for stream, port in zip(streams, dst_ports, strict=True):
+            if i >= len(stream):
+                continue
+            udp = struct.pack("!HHHH", 20000 + (port - dst_ports[0]), port,
+                              8 + len(stream[i]), 0) + stream[i]
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0x4000, 64,
+                             17, 0, src_ip, dst_ip)
+            ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+            frame = b"\x00" * 12 + b"\x08\x00" + ip + udp
+            usec = i * 20000
+            out.append(struct.pack("<IIII", usec // 1_000_000, usec % 1_000_000,
+                                   len(frame), len(frame)) + frame)
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
+
+
+async def send_rtp(port: int, packets: list[bytes], paced: bool = True,
+                   host: str = "127.0.0.1") -> None:
+    """RTP to ``port``, one packet per 20 ms on an absolute schedule (or all at once)."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                       remote_addr=(host, port))
+    try:
+        t0 = time.monotonic()
+        for i, packet in enumerate(packets):
+            if paced and (delay := t0 + i * 0.02 - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            transport.sendto(packet)
+    finally:
+        transport.close()
+
+
+# --- SIPp (Debian's sip-tester) as the SRC --------------------------------------------------
+
+SIPP_SCENARIOS = Path(__file__).resolve().parents[1] / "tests" / "sipp"
+_LAUGHS = "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(2, 10))
+SIPP_HOSTILE_KEYS = {  # siprec_hostile.xml's DTDs ("[" cannot be written in a scenario)
+    "dtd_billion_laughs": f'<!DOCTYPE lolz [<!ENTITY lol1 "lol">{_LAUGHS}]>',
+    "dtd_external_entity": '<!DOCTYPE recording [<!ENTITY x SYSTEM "file:///etc/passwd">]>',
+}
+
+
+@dataclass
+class SippRun:
+    """One finished ``sipp`` run: its exit status (0: every call passed its scenario), the
+    Call-ID it used, and its message log (every SIP message sent and received)."""
+
+    returncode: int
+    call_id: str
+    messages: str
+    output: str
+
+    def responses(self, status: int, method: str = "INVITE") -> list[str]:
+        """The received responses with ``status`` to ``method``, whole (headers and body)."""
+        return [m for m in self._received() if m.startswith(f"SIP/2.0 {status} ")
+                and re.search(rf"^CSeq:\s*\d+ {method}\s*$", m, re.M | re.I)]
+
+    def _received(self) -> list[str]:
+        blocks = re.split(r"^-{20,}.*$", self.messages, flags=re.M)
+        out = []
+        for block in blocks:
+            head, sep, message = block.partition("message received")
+            if sep:
+                out.append(message.split("\n", 2)[-1].lstrip("\r\n"))
+        return out
+
+
+def siprec_rtp_range(ports: int = 400) -> tuple[int, int]:
+    """A block of UDP ports for SIPREC's RTP starting at a free one (the SRS skips any
+    taken in it): 400 is 100 recordings of two streams, RTP and RTCP each."""
+    base = free_even_port(4)
+    base = min(base, 65534 - ports) & ~1
+    return base, base + ports - 1
+
+
+async def siprec_call(port: int, legs: Legs, call_id: str | None = None) -> str:
+    """An SRC's whole recording over UDP, as the bench drives many at once: INVITE (RFC
+    7865 metadata, the caller's stream first), ACK, both streams' PCMU at real-time pacing
+    to the answered ports, BYE. Returns the BYE's 200 status line; any other answer raises
+    (the bench counts it as a failed call)."""
+    peer = await SipPeer.open(("127.0.0.1", port))
+    call_id = call_id or f"{uuid.uuid4()}@127.0.0.1"
+    target = f"sip:srs@127.0.0.1:{port}"
+    parties = [("caller-pid", "sip:+15550100@198.51.100.7", "s1", "1"),
+               ("agent-pid", "sip:4711@203.0.113.20", "s2", "2")]
+    body = siprec_body(siprec_sdp("127.0.0.1", [7000, 7002], ["1", "2"]),
+                       siprec_metadata("Ks0Fb3oBEfCmugAMKfnCqw==", parties))
+    try:
+        peer.send(sip_request("INVITE", target, call_id, 1, body, local=peer.local))
+        ok = (await peer.status(30)).decode()
+        if not ok.startswith("SIP/2.0 200 "):
+            raise RuntimeError(f"INVITE answered {ok.splitlines()[0]!r}")
+        tag = re.search(r"^To:.*;tag=([^;\s]+)", ok, re.M)
+        ports = [int(p) for p in re.findall(r"^m=audio (\d+) ", ok, re.M)]
+        to_tag = tag.group(1) if tag else ""
+        peer.send(sip_request("ACK", target, call_id, 1, local=peer.local, to_tag=to_tag))
+        ssrc = int.from_bytes(uuid.uuid4().bytes[:4], "big")
+        await asyncio.gather(send_rtp(ports[0], rtp_packets(legs.caller, ssrc)),
+                             send_rtp(ports[1], rtp_packets(legs.agent, ssrc ^ 1)))
+        peer.send(sip_request("BYE", target, call_id, 2, local=peer.local, to_tag=to_tag))
+        while True:  # (a retransmitted 200 of the INVITE may come first)
+            reply = (await peer.status(30)).decode()
+            if re.search(r"^CSeq:\s*2 BYE", reply, re.M):
+                if not reply.startswith("SIP/2.0 200 "):
+                    raise RuntimeError(f"BYE answered {reply.splitlines()[0]!r}")
+                return reply.splitlines()[0]
+    finally:
+        peer.close()
+
+
+def sipp_binary() -> str | None:
+    return shutil.which("sipp")
+
+
+def free_even_port(span: int = 4) -> int:
+    """An even port with ``span`` UDP ports from it free on 127.0.0.1 now."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1] & ~1
+        if base + span > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + span):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port block")
+
+
+async def run_sipp(scenario: str, target: tuple[str, int], workdir: Path, *,
+                   local_ip: str = "127.0.0.1", transport: str = "u1",
+                   variables: dict[str, str] | None = None,
+                   keys: dict[str, str] | None = None, limit_seconds: int = 60) -> SippRun:
+    """``sipp`` running ``tests/sipp/<scenario>.xml`` once against ``target`` from
+    ``local_ip`` (bound: the source address the SRS sees), in ``workdir`` (where the
+    scenario finds its pcap and SIPp writes its logs). ``variables``: ``-set`` globals,
+    ``keys``: ``-key`` keywords;
+    ``limit_seconds``: SIPp's own ``-timeout`` (a scenario stuck waiting fails)."""
+    binary = sipp_binary()
+    assert binary is not None, "sipp is not installed (Debian package sip-tester)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    prefix = f"{scenario}-{uuid.uuid4().hex[:12]}"
+    messages = workdir / f"{scenario}.messages.log"
+    args = [binary, f"{target[0]}:{target[1]}", "-sf", str(SIPP_SCENARIOS / f"{scenario}.xml"),
+            "-m", "1", "-nostdin", "-i", local_ip, "-bind_local", "-p", str(free_even_port(1)),
+            "-mi", local_ip,
+            "-mp", str(free_even_port()), "-t", transport, "-cid_str", f"{prefix}-%u@%s",
+            "-trace_msg", "-message_file", str(messages), "-trace_err",
+            "-error_file", str(workdir / f"{scenario}.errors.log"),
+            "-timeout", f"{limit_seconds}s", "-timeout_error"]
+    for name, value in (variables or {}).items():
+        args += ["-set", name, value]
+    for name, value in (keys or {}).items():
+        args += ["-key", name, value]
+    proc = await asyncio.create_subprocess_exec(
+        *args, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), limit_seconds + 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    errors = workdir / f"{scenario}.errors.log"
+    text = output.decode("utf-8", "replace")[-3000:]
+    if errors.exists():
+        text += "\n--- errors.log ---\n" + errors.read_text("utf-8", "replace")[-3000:]
+    assert proc.returncode is not None
+    return SippRun(proc.returncode, f"{prefix}-1@{local_ip}",
+                   messages.read_text("utf-8", "replace") if messages.exists() else "", text)

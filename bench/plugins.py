@@ -4,7 +4,9 @@ For each plugin, ``calls`` concurrent peers replay noise-as-speech at real-time 
 frames) through the real plugin to a real in-process server with the default model. Reported:
 the added latency per 20 ms frame, plugin to detector (frame read off the platform socket ->
 handed to the gRPC stream), p50 and p99, and the most concurrent calls held, meaning every
-call finished with a summary and p99 stayed under one frame (20 ms). Writes
+call finished with a summary and p99 stayed under one frame (20 ms). For SIPREC a frame is
+one RTP packet (20 ms of PCMU per stream), its latency counted from the arrival of the
+packet that released the audio (the jitter buffer holds a packet until it is in order). Writes
 ``bench/results/plugins.json`` and ``bench/results/plugins.md``.
 """
 
@@ -32,6 +34,7 @@ from bench.plugin_peers import (  # noqa: E402
     back_ends,
     freeswitch_call,
     plugin_stack,
+    siprec_call,
     twilio_call,
     ws_url,
 )
@@ -40,6 +43,7 @@ from plugins.core import forward_metric  # noqa: E402
 from server.devstack import noise_pcm, serving  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PLUGINS = ("audiosocket", "twilio", "freeswitch", "audiohook", "siprec")
 FRAME_SECONDS = 0.02
 
 
@@ -68,6 +72,8 @@ async def _level(detector: Any, plugin: str, calls: int, seconds: float) -> dict
                 return twilio_call(ws_url(running, "/twilio"), TWILIO_TOKEN, f"CA{i}", legs)
             if plugin == "freeswitch":
                 return freeswitch_call(ws_url(running, "/fork"), str(uuid.uuid4()), legs)
+            if plugin == "siprec":
+                return siprec_call(running.ports["siprec"], legs)
             return audiohook_call(ws_url(running, "/audiohook"), AUDIOHOOK_KEY, f"c{i}", legs)
 
         outcomes = await asyncio.gather(*(one(i) for i in range(calls)), return_exceptions=True)
@@ -82,7 +88,7 @@ async def _level(detector: Any, plugin: str, calls: int, seconds: float) -> dict
 async def run(levels: list[int], seconds: float) -> dict[str, Any]:
     detector = load_detector("default")
     rows = []
-    for plugin in ("audiosocket", "twilio", "freeswitch", "audiohook"):
+    for plugin in PLUGINS:
         for calls in levels:
             row = await _level(detector, plugin, calls, seconds)
             print(json.dumps(row), flush=True)
@@ -90,7 +96,7 @@ async def run(levels: list[int], seconds: float) -> dict[str, Any]:
             if not row["held"]:
                 break
     held = {p: max([r["calls"] for r in rows if r["plugin"] == p and r["held"]], default=0)
-            for p in ("audiosocket", "twilio", "freeswitch", "audiohook")}
+            for p in PLUGINS}
     return {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
             "seconds_per_call": seconds, "levels": levels, "rows": rows,

@@ -17,6 +17,7 @@ from plugins.app import PluginSettings, start_plugins
 from plugins.asterisk import AmiTarget
 from plugins.audiosocket import parse_networks, parse_slin_types
 from plugins.core import DetectorLink, parse_hostport
+from plugins.siprec.server import SiprecSettings, parse_port_range
 from plugins.twilio import TwilioSettings
 from plugins.webhook import WebhookSender
 from server import logs
@@ -34,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
         "twilio": "Twilio Media Streams WebSocket, e.g. :8080/twilio",
         "freeswitch": "FreeSWITCH mod_audio_fork/mod_audio_stream WebSocket, e.g. :8080/fork",
         "audiohook": "Genesys AudioHook WebSocket, e.g. :8080/audiohook",
+        "siprec": "SIPREC recording server, SIP on UDP and TCP, e.g. 0.0.0.0:5060",
+        "siprec_rtp_ports": "UDP ports for SIPREC RTP (even: RTP, odd: RTCP)",
+        "siprec_allow": "source networks SIPREC accepts SIP and RTP from, e.g. 10.1.2.0/24 "
+                        "(default: any that reaches the listener)",
         "detector": "detection server host:port",
         "detector_token": "bearer token for the detection server",
         "ami": "Asterisk AMI host:port for alerts (Setvar)",
@@ -56,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
         "log_level": "",
     }
     defaults = {"detector": "127.0.0.1:50051", "twilio_api_base": "https://api.twilio.com",
-                "log_level": "info"}
+                "log_level": "info", "siprec_rtp_ports": "40000-40999"}
     for name, help_text in flags.items():
         env.add("--" + name.replace("_", "-"), default=defaults.get(name, ""),
                 help=help_text or None)
@@ -69,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     env.add("--reconnect-seconds", type=float, default=30.0,
             help="a detector gone mid-call: reconnect within this long (the audio "
             "meanwhile is a reported gap), else end the call's fork")
+    env.add("--log-call-ids", choices=("hashed", "plain"), default="hashed",
+            help="SIPREC: Call-IDs and participants' AORs in the logs (plain), or a digest "
+            "of the Call-ID only (hashed)")
     env.add("--metrics-port", type=int, default=0)
     return p
 
@@ -89,7 +97,11 @@ def settings_from(args: argparse.Namespace) -> tuple[PluginSettings, DetectorLin
         slin_types=parse_slin_types(args.slin_types), twilio_settings=twilio,
         audiosocket_allow=parse_networks(args.audiosocket_allow),
         audiohook_api_key=args.audiohook_api_key,
-        audiohook_client_secret=args.audiohook_client_secret)
+        audiohook_client_secret=args.audiohook_client_secret,
+        siprec=SiprecSettings(listen=args.siprec,
+                              rtp_ports=parse_port_range(args.siprec_rtp_ports),
+                              allow=parse_networks(args.siprec_allow),
+                              log_call_ids=args.log_call_ids))
     webhook = WebhookSender(args.webhook, args.webhook_secret) if args.webhook else None
     detector = DetectorLink(args.detector, token=args.detector_token or None,
                             alert_threshold=args.alert_threshold, webhook=webhook,
@@ -115,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logs.configure(args.log_level)
     settings, detector = settings_from(args)
-    if not any((settings.audiosocket, settings.twilio, settings.freeswitch, settings.audiohook)):
-        parser().error("enable at least one of --audiosocket --twilio --freeswitch --audiohook")
+    if not any((settings.audiosocket, settings.twilio, settings.freeswitch, settings.audiohook,
+                settings.siprec.listen)):
+        parser().error("enable at least one of --audiosocket --twilio --freeswitch --audiohook"
+                       " --siprec")
     asyncio.run(serve(settings, detector, args.metrics_port))
 
 

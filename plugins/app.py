@@ -18,6 +18,7 @@ from plugins.audiohook import AudioHookServer
 from plugins.audiosocket import DEFAULT_SLIN_TYPES, AudioSocketServer
 from plugins.core import DetectorLink, parse_hostport, parse_listen_path
 from plugins.freeswitch import AudioFork
+from plugins.siprec.server import SiprecServer, SiprecSettings
 from plugins.twilio import TwilioMediaStreams, TwilioSettings
 
 log = structlog.get_logger("callshield.plugins")
@@ -36,6 +37,7 @@ class PluginSettings:
     audiohook_api_key: str = ""
     audiosocket_allow: tuple[IPv4Network | IPv6Network, ...] = ()  # empty: any source
     audiohook_client_secret: str = ""  # base64, as Genesys shows it; empty: unsigned allowed
+    siprec: SiprecSettings = field(default_factory=SiprecSettings)  # listen "": off
 
 
 @dataclass
@@ -45,9 +47,12 @@ class RunningPlugins:
     audiosocket_handler: AudioSocketServer | None
     runners: list[web.AppRunner]
     ports: dict[str, int]  # plugin name -> bound port (port 0 picks a free one)
+    siprec: SiprecServer | None = None
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, give calls in progress ``grace_seconds`` to end, close the rest."""
+        if self.siprec is not None:  # recordings end at once: BYE, then their summaries
+            await self.siprec.stop()
         if self.audiosocket is not None:
             self.audiosocket.close()
         await self.detector.wait_idle(grace_seconds)
@@ -100,4 +105,11 @@ async def start_plugins(settings: PluginSettings, detector: DetectorLink) -> Run
             log.info("plugin listening", plugin=name, host=host, port=bound, path=path)
     if audiosocket is not None:
         log.info("plugin listening", plugin="audiosocket", port=ports["audiosocket"])
-    return RunningPlugins(detector, audiosocket, handler, runners, ports)
+    siprec = None
+    if settings.siprec.listen:
+        host, port = parse_hostport(settings.siprec.listen)
+        siprec = SiprecServer(detector, settings.siprec)
+        ports["siprec"] = await siprec.start(host, port)
+        log.info("plugin listening", plugin="siprec", host=host, port=ports["siprec"],
+                 transports="udp+tcp", rtp_ports="-".join(map(str, settings.siprec.rtp_ports)))
+    return RunningPlugins(detector, audiosocket, handler, runners, ports, siprec)

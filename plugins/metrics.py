@@ -32,3 +32,12 @@ FORWARD_SECONDS = Histogram(
     "Added latency: a frame read off the platform socket -> handed to the gRPC stream",
     ["plugin"], buckets=FORWARD_BUCKETS,
 )
+RTP_DROPPED = Counter(
+    "callshield_plugin_rtp_dropped_total",
+    "SIPREC RTP packets dropped, by reason (foreign_ssrc, source, payload, late, malformed)",
+    ["plugin", "reason"],
+)
+RTP_LOST_SECONDS = Counter(
+    "callshield_plugin_rtp_lost_seconds_total",
+    "SIPREC audio lost in transit and filled with silence", ["plugin"],
+)
