@@ -114,6 +114,20 @@ class AsyncDetectionClient(BaseClient):
         return await self._stub.GetModel(pb.GetModelRequest(),
                                          metadata=self.connection.metadata())
 
+    async def watch_calls(
+        self, *, admin_token: str | None = None, include_windows: bool = False,
+    ) -> AsyncIterator[pb.WatchCallsResponse]:
+        """The server's admin feed (see :meth:`client.DetectionClient.watch_calls`);
+        leaving the loop cancels the watch. Raises :class:`grpc.aio.AioRpcError` when the
+        server refuses it (UNAUTHENTICATED, PERMISSION_DENIED) or goes away (UNAVAILABLE)."""
+        call = self._stub.WatchCalls(pb.WatchCallsRequest(include_windows=include_windows),
+                                     metadata=self.connection.admin_metadata(admin_token))
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()
+
 
 async def _paced(chunks: Iterable[bytes], seconds: float) -> AsyncIterator[bytes]:
     t0 = time.monotonic()

@@ -48,6 +48,13 @@ class Connection:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
+    def admin_metadata(self, admin_token: str | None) -> tuple[tuple[str, str], ...]:
+        """The admin RPCs' metadata (WatchCalls): the server's admin token, never the
+        stream token (``admin_token`` None: the connection's token, for a client made with
+        the admin token)."""
+        token = admin_token if admin_token is not None else self.token
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not (self.tls or self.root_certificates):
             return None

@@ -83,6 +83,19 @@ class DetectionClient(BaseClient):
     def get_model(self) -> pb.GetModelResponse:
         return self._stub.GetModel(pb.GetModelRequest(), metadata=self.connection.metadata())
 
+    def watch_calls(
+        self, *, admin_token: str | None = None, include_windows: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[pb.WatchCallsResponse]:
+        """The server's admin feed: the calls open now (``snapshot``), a ``ready`` marker,
+        then every call's open, verdicts, alerts, [windows,] summary and close as they
+        happen. Needs the server's admin token (``admin_token``, or the client's own token
+        when None). Runs until cancelled (``.cancel()`` on the returned iterator), ``timeout``
+        or a server restart (:class:`grpc.RpcError` UNAVAILABLE: reconnect)."""
+        return self._stub.WatchCalls(  # type: ignore[no-any-return]
+            pb.WatchCallsRequest(include_windows=include_windows),
+            metadata=self.connection.admin_metadata(admin_token), timeout=timeout)
+
 
 def paced(chunks: Iterable[bytes], seconds: float) -> Iterator[bytes]:
     """Release chunk ``i`` at ``i * seconds`` after the first, as a live call would."""

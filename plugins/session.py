@@ -73,26 +73,35 @@ class PlatformCall:
         self.log = self._base.bind(call_id=None, **protocol.context())
 
     async def run(self) -> None:
-        """Run the connection to its end: the error ladder."""
+        """Run the connection to its end: the error ladder. A call that did not finish
+        normally is aborted with the cause that ended it (the detector's failure, the
+        protocol error, the lost connection), not with the close that followed it."""
+        cause = "connection closed without a hangup"
         try:
             await self._serve()
         except ProtocolViolation as exc:
+            cause = f"protocol error: {exc.reason}"
             metrics.PROTOCOL_ERRORS.labels(self.plugin, exc.reason).inc()
             self.log.warning("protocol error", reason=exc.reason, detail=str(exc))
             await self.end(self.protocol.ending(Cause.PROTOCOL, exc))
         except ConnectionError as exc:
+            cause = f"connection lost: {type(exc).__name__}"
             await self._dropped(ev.Dropped("connection lost", fields={"error": type(exc).__name__}))
             await self.end(Ending())
-        except DetectorGone:
+        except DetectorGone as exc:
+            cause = str(exc)
             await self.end(self.protocol.ending(Cause.DETECTOR))
-        except Exception:
+        except Exception as exc:
+            cause = f"internal error: {type(exc).__name__}"
             self.log.exception("internal error")
             await self.end(self.protocol.ending(Cause.INTERNAL))
         finally:
             if self.filler is not None:
                 self.filler.cancel()
             if self.bridge is not None:
-                await self.bridge.abort("connection closed")
+                # the detector's failure is the cause even when the platform's close of the
+                # fork we ended is what the read loop saw last
+                await self.bridge.abort(self.bridge.failed or cause)
 
     async def _serve(self) -> None:
         while (data := await self.transport.receive()) is not None:

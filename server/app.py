@@ -5,7 +5,9 @@ balancers route new calls elsewhere. A drain (SIGTERM) keeps the listener open s
 observable: health turns NOT_SERVING first and new calls get UNAVAILABLE from the servicer;
 calls in flight get ``grace_seconds`` to end by themselves; streams still open then are ended
 by the server as if their client had half-closed (results, summary, then UNAVAILABLE), within
-``DRAIN_SUMMARY_SECONDS``; only then does the listener close and what is left get cancelled.
+``DRAIN_SUMMARY_SECONDS``, and ``Detect`` calls still running are cancelled and answer
+UNAVAILABLE at once (a client whose call the listener closed under it would see INTERNAL);
+only then does the listener close and what is left get cancelled.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from callshield.v1 import detection_pb2_grpc as pb_grpc
 from models.inference import Detector, load_detector
 from server import metrics
 from server.auth import BearerTokenInterceptor
-from server.config import ServerConfig
+from server.config import ServerConfig, listen_address
 from server.queue.base import InferenceQueue
 from server.queue.factory import make_queue
 from server.reflection import enable_server_reflection
@@ -65,8 +67,8 @@ class RunningServer:
         if grace > 0:
             if not await _wait(servicer.idle, grace):
                 log.info("drain grace over", open_streams=len(servicer.inputs),
-                         open_calls=servicer.admitted)
-                servicer.end_streams()
+                         open_detects=len(servicer.detects), open_calls=servicer.admitted)
+                servicer.end_calls()
                 await _wait(servicer.idle, DRAIN_SUMMARY_SECONDS)
         await self.server.stop(0)
         await self.queue.close()
@@ -136,27 +138,29 @@ async def start_server(
     )
     diarization = load_diarization(config.diarization, config.diarization_segmentation,
                                    config.diarization_pipeline, config.diarization_step,
-                                   detector.sample_rate, config.diarization_precision)
+                                   detector.sample_rate, config.diarization_precision,
+                                   config.max_detect_diarizations)
     pass_queues = await _diarization_passes(config, queue, diarization)
     servicer = DetectionServicer(detector, queue, config, diarization)
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    listen = listen_address(config.listen)
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(
             [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-        port = server.add_secure_port(config.listen, credentials)
+        port = server.add_secure_port(listen, credentials)
     else:
-        port = server.add_insecure_port(config.listen)
+        port = server.add_insecure_port(listen)
     if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+        raise OSError(f"cannot listen on {listen}")
     # health is known before the first probe can arrive (else NOT_FOUND, or a stale answer)
     queues = (queue, *pass_queues)
     status = await _update_health(queues, health_servicer, None)
     await server.start()
     watcher = asyncio.create_task(_watch_health(queues, health_servicer, status))
-    log.info("serving", listen=config.listen, port=port, model=detector.name,
+    log.info("serving", listen=listen, port=port, model=detector.name,
              queue=config.queue, diarization=diarization is not None,
              embedding_precision=diarization.models.precision if diarization else None,
              diarization_passes=("redis" if pass_queues else "local") if diarization else None,

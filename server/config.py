@@ -65,6 +65,10 @@ class EnvFlags:
                 return raw
         return None
 
+    def _set_name(self, dest: str) -> str:
+        """The variable a value of ``dest`` was read from."""
+        return next(n for n in self.names(dest) if os.environ.get(n, ""))
+
     def add(self, *flags: str, default: Any = None, help: str | None = None,
             **kwargs: Any) -> argparse.Action:
         dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
@@ -77,6 +81,13 @@ class EnvFlags:
                 default = [item.strip() for item in raw.split(",") if item.strip()]
             else:
                 default = raw
+            choices = kwargs.get("choices")
+            if choices is not None and action != "append":
+                # argparse checks choices on the command line only, never on a default
+                converted = kwargs["type"](default) if "type" in kwargs else default
+                if converted not in choices:
+                    self.parser.error(f"{self._set_name(dest)}={raw!r}: choose from "
+                                      + ", ".join(map(str, choices)))
         current = [n for n in self.names(dest) if n != self.deprecated.get(dest)]
         note = "env " + ", then ".join(current)
         return self.parser.add_argument(*flags, default=default, **kwargs,
@@ -93,6 +104,8 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no metrics endpoint; bound to 127.0.0.1
     metrics_listen: str = ""  # HOST:PORT of the metrics endpoint (overrides metrics_port)
     auth_token: str = ""  # empty: no auth
+    # The admin feed (WatchCalls, server/events.py) needs this token; empty: feed disabled
+    admin_token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     # Calls holding a slot (streams from their first message on, whether or not a config came
@@ -112,8 +125,14 @@ class ServerConfig:
     # Detect: recordings longer than this are refused (INVALID_ARGUMENT) from their header,
     # before decoding: the 32 MiB message limit alone admits ~58 h of compressed silence
     max_detect_seconds: float = 3600.0
+    # MIXED Detect recordings diarized at once, each with its own offline pipeline (more wait,
+    # shortest first): bounds the memory of long recordings without queueing short ones
+    # behind one long one
+    max_detect_diarizations: int = 2
     log_level: str = "info"
-    log_call_ids: str = "plain"  # plain (safe characters, cut) or hash (keyed hash): logs.py
+    # hash (keyed hash; the default: a call id may be a caller's number) or plain (safe
+    # characters, cut): logs.py
+    log_call_ids: str = "hash"
     log_hash_key: str = ""  # key of the call id hash; "" = random per process
     # MIXED streams: off, on, or auto (on when the committed checkpoint and packages exist).
     # Off here so that embedding the server (tests, tools) stays light; `python -m server`
@@ -148,6 +167,19 @@ class ServerConfig:
 DIARIZATION_CLI_DEFAULT = "auto"
 
 
+def listen_address(value: str) -> str:
+    """``--listen`` as gRPC takes it: a bare port (``50051`` or ``:50051``) binds 127.0.0.1, as
+    every other listener of the project does, so a service is exposed to other machines only
+    when an operator names the interface (``0.0.0.0:50051``, ``[::]:50051``). Raises
+    ValueError for anything without a port number."""
+    if value.startswith(("unix:", "unix-abstract:")):
+        return value
+    host, _, port = value.strip().rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--listen {value!r}: expected HOST:PORT, :PORT or PORT")
+    return f"{host or '127.0.0.1'}:{port}"
+
+
 def parser() -> argparse.ArgumentParser:
     """``python -m server``'s flags, each with its ``CALLSHIELD_<FLAG>`` variable."""
     d = ServerConfig()
@@ -156,7 +188,8 @@ def parser() -> argparse.ArgumentParser:
         description="callshield gRPC detection server (flags also read from CALLSHIELD_<FLAG>)",
     )
     env = EnvFlags(p)
-    env.add("--listen", default=d.listen, help="host:port")
+    env.add("--listen", default=d.listen,
+            help="HOST:PORT; a bare port (PORT or :PORT) binds 127.0.0.1")
     env.add("--model", default=d.model, help="model name or path")
     env.add("--queue", choices=["inprocess", "redis"], default=d.queue)
     env.add("--redis-url", default=d.redis_url)
@@ -166,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     env.add("--metrics-listen", default=d.metrics_listen,
             help="Prometheus endpoint HOST:PORT (e.g. 0.0.0.0:9100 to expose it)")
     env.add("--auth-token", default=d.auth_token)
+    env.add("--admin-token", default=d.admin_token,
+            help="token of the admin feed (WatchCalls, for the console); never the stream "
+                 "token; empty: the feed is disabled. Prefer the environment variable")
     env.add("--tls-cert", default=d.tls_cert)
     env.add("--tls-key", default=d.tls_key)
     env.add("--max-streams", type=int, default=d.max_streams)
@@ -189,11 +225,15 @@ def parser() -> argparse.ArgumentParser:
     env.add("--max-detect-seconds", type=float,
             default=d.max_detect_seconds,
             help="longest recording Detect accepts (longer: use StreamDetect)")
+    env.add("--max-detect-diarizations", type=int, default=d.max_detect_diarizations,
+            help="MIXED Detect recordings diarized at once, each with its own pipeline; "
+                 "more wait, the shortest first")
     env.add("--log-level", default=d.log_level)
     env.add("--log-call-ids", choices=["plain", "hash"],
             default=d.log_call_ids,
-            help="call ids in logs: plain (safe characters, at most 64) or hash "
-                 "(HMAC; use it when clients may send phone numbers as call ids)")
+            help="call ids in logs: hash (default: HMAC, so a caller's number sent as a "
+                 "call id never reaches a log) or plain (safe characters, at most 64; only "
+                 "when call ids are known to carry no personal data)")
     env.add("--log-hash-key", default=d.log_hash_key,
             help="key of the call id hash (default: random per process); prefer "
                  "the environment variable, which ps does not show")
@@ -228,8 +268,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     """Flags override environment variables, which override the defaults."""
     p = parser()
     args = p.parse_args(argv)
+    try:
+        args.listen = listen_address(args.listen)
+    except ValueError as exc:
+        p.error(str(exc))
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    if args.admin_token and args.admin_token == args.auth_token:
+        p.error("--admin-token must differ from --auth-token: a stream client must not "
+                "watch every call")
     for name in ("config_timeout_seconds", "idle_timeout_seconds"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -237,6 +284,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--max-streams-per-peer must be 0 (half of --max-streams) or more")
     if args.max_detect_seconds <= 0:
         p.error("--max-detect-seconds must be positive")
+    if args.max_detect_diarizations < 1:
+        p.error("--max-detect-diarizations must be 1 or more")
     if args.threads < 0:
         p.error("--threads must be 0 (one per core) or more")
     if not 0.25 <= args.diarization_step <= 1.0:

@@ -74,8 +74,9 @@ class Lanes:
 
     @property
     def audio_seconds(self) -> float:
-        return max((lane.windower.total for lane in self.lanes.values()),
-                   default=0) / self.sample_rate
+        """Call time attributed so far, whether or not anyone spoke in it (a recording of
+        silence has no lane, and still lasted)."""
+        return self.attributed / self.sample_rate
 
     def push(self, parts: Sequence[SpeakerAudio]) -> list[tuple[Lane, Window]]:
         """Windows completed by one attributed chunk: ``parts`` is audio per speaker, all of

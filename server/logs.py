@@ -2,10 +2,12 @@
 
 Loggers bind call and stream ids; no code path logs audio. A ``call_id`` is the client's own
 reference and may be anything up to 128 characters, a caller's phone number included, so it is
-logged through :class:`CallIdLogging`: characters outside a safe set are replaced (no control
-characters, newlines or terminal escapes reach a log line) and it is cut to
-``MAX_LOGGED_CALL_ID`` characters; or, with ``--log-call-ids hash``, only a keyed hash of it is
-logged, which still ties together the lines of one call.
+logged through :class:`CallIdLogging`: by default (``--log-call-ids hash``) only a keyed hash
+of it, which still ties together the lines of one call, since privacy must not depend on an
+operator remembering a flag; with ``--log-call-ids plain`` (opt-in, for call ids known to
+carry no personal data) characters outside a safe set are replaced (no control characters,
+newlines or terminal escapes reach a log line) and it is cut to ``MAX_LOGGED_CALL_ID``
+characters.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class CallIdLogging:
     across them). A key keeps a phone number from being recovered by hashing every number.
     """
 
-    mode: str = "plain"
+    mode: str = "hash"
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     def __post_init__(self) -> None:

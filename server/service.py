@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -43,6 +44,7 @@ from server.errors import (
     Overloaded,
     grpc_statuses,
 )
+from server.events import EventBus, watch_calls
 from server.logs import CallIdLogging
 from server.memory import trim_heap
 from server.queue.base import InferenceQueue, QueueUnavailable
@@ -80,36 +82,54 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         #: the client side of each open stream, by stream id (a drain ends them)
         self.inputs: dict[str, StreamInput] = {}
         self.draining = False  # set by a drain: new calls get UNAVAILABLE
+        #: Detect calls in progress (a drain whose grace is over cancels them), and those it
+        #: cancelled (they answer UNAVAILABLE rather than the client's CANCELLED)
+        self.detects: set[asyncio.Task[Any]] = set()
+        self._drained: set[asyncio.Task[Any]] = set()
         self.call_id_logging = CallIdLogging.from_flags(config.log_call_ids, config.log_hash_key)
+        #: the admin feed (WatchCalls): every call's events, published by _serve
+        self.events = EventBus(f"{detector.name} {detector.version}".strip())
 
-    def end_streams(self) -> None:
-        """End every open stream's input as if its client had half-closed: each gets the
-        results of the audio it sent and its summary, then UNAVAILABLE."""
+    def end_calls(self) -> None:
+        """A drain's grace is over. Every open stream's input ends as if its client had
+        half-closed: each gets the results of the audio it sent and its summary, then
+        UNAVAILABLE. Every Detect still running is cancelled (its decoding or diarization
+        thread stops within one block or batch) and answers UNAVAILABLE: a recording has no
+        partial result to give, and a client retries it elsewhere at once rather than after
+        the listener closes under it."""
         for source in self.inputs.values():
             source.end()
+        for task in self.detects:
+            self._drained.add(task)
+            task.cancel()
 
-    def _refuse_while_draining(self) -> None:
+    def _refuse(self, reason: str, rpc: str) -> None:
+        """Count and log a call refused at admission (the reason is the metric's label)."""
+        metrics.STREAMS_REJECTED.labels(reason).inc()
+        log.info("call refused", reason=reason, rpc=rpc)
+
+    def _refuse_while_draining(self, rpc: str) -> None:
         if self.draining:
-            metrics.STREAMS_REJECTED.labels("draining").inc()
+            self._refuse("draining", rpc)
             raise Draining("server shutting down; retry on another instance")
 
     @asynccontextmanager
-    async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _admit(self, context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
         """Hold one slot for the whole call, or raise :class:`Overloaded`. A slot is taken
         before the config is read, so streams that never send one count against the limits
         (and are closed by ``--config-timeout-seconds``)."""
-        self._refuse_while_draining()
+        self._refuse_while_draining(rpc)
         peer = peer_address(context.peer())
         if self.admitted >= self.config.max_streams:
-            metrics.STREAMS_REJECTED.labels("max_streams").inc()
+            self._refuse("max_streams", rpc)
             raise Overloaded(f"server at its limit of {self.config.max_streams} open streams")
         if self.admitted_by_peer[peer] >= self.config.peer_limit:
-            metrics.STREAMS_REJECTED.labels("max_streams_per_peer").inc()
+            self._refuse("max_streams_per_peer", rpc)
             raise Overloaded(
                 f"this client address holds {self.admitted_by_peer[peer]} open calls, the "
                 "per-client limit; close one first")
         if self.queue.depth() > self.config.max_queue_depth:
-            metrics.STREAMS_REJECTED.labels("queue_depth").inc()
+            self._refuse("queue_depth", rpc)
             raise Overloaded("inference queue over capacity; retry later")
         self.admitted += 1
         self.admitted_by_peer[peer] += 1
@@ -125,13 +145,15 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                 self.idle.set()
 
     def _session(self, config: pb.StreamConfig,
-                 attributor: SpeakerAttributor | None = None) -> Session:
+                 attributor: SpeakerAttributor | None = None,
+                 stream_id: str | None = None) -> Session:
         """A session; MIXED streams are diarized live when diarization is on, unless
         ``attributor`` (offline turns, for Detect) is given."""
         settings = parse_settings(config, self.detector.window_seconds)
         if attributor is None and not settings.split and self.diarization is not None:
             attributor = self.diarization.stream_attributor(settings.sample_rate)
-        return Session(settings, self.queue, self.detector.sample_rate, uuid.uuid4().hex[:16],
+        return Session(settings, self.queue, self.detector.sample_rate,
+                       stream_id or uuid.uuid4().hex[:16],
                        max_inflight=self.config.max_inflight_per_stream, attributor=attributor,
                        call_id_logging=self.call_id_logging,
                        verdict_rule=self.config.verdict_rule)
@@ -145,7 +167,9 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         metrics.STREAMS_OPEN.inc()
         session.log.info("stream open", speakers=list(session.attributor.speakers))
         try:
-            async with aclosing(session.run(source)) as responses:
+            rpc = "StreamDetect" if session.stream_id in self.inputs else "Detect"
+            async with (aclosing(session.run(source)) as run,
+                        aclosing(self.events.relay(session, rpc, run)) as responses):
                 async for response in responses:
                     yield response
         except InvalidArgument as exc:
@@ -166,7 +190,7 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamDetectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamDetectResponse]:
-        async with grpc_statuses(context), self._admit(context):
+        async with grpc_statuses(context), self._admit(context, "StreamDetect"):
             requests = aiter(request_iterator)
             wait = self.config.config_timeout_seconds
             try:
@@ -205,14 +229,35 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         """A whole recording. Its duration is checked from the header (or the byte count)
         before decoding, decoding and resampling run block by block in a worker thread (the
         event loop keeps serving streams), and a client that cancels or whose deadline passes
-        stops the decoding within one block (grpc.aio cancels this coroutine)."""
+        stops the decoding within one block (grpc.aio cancels this coroutine); so does a
+        drain whose grace is over (:meth:`end_calls`), answered UNAVAILABLE."""
+        task = asyncio.current_task()
+        assert task is not None
+        progress = _DetectProgress(log)
+        self.detects.add(task)
         try:
-            async with grpc_statuses(context), self._admit(context):
-                return await self._detect(request)
+            async with grpc_statuses(context), self._admit(context, "Detect"):
+                try:
+                    return await self._detect(request, progress)
+                except asyncio.CancelledError:
+                    drained = task in self._drained
+                    reason = "draining" if drained else _cancel_reason(context)
+                    progress.log.info("detect cancelled", reason=reason, stage=progress.stage)
+                    if progress.stage != "decode":  # decoding counts its own (_decoding)
+                        metrics.DETECT_CANCELLED.labels(progress.stage).inc()
+                    if not drained:
+                        raise
+                    task.uncancel()
+                    raise Draining(
+                        "server shutting down: the recording was not finished; retry on "
+                        "another instance") from None
         finally:  # the decoded recording is garbage now: give its pages back (memory.py)
+            self.detects.discard(task)
+            self._drained.discard(task)
             asyncio.get_running_loop().run_in_executor(None, trim_heap)
 
-    async def _detect(self, request: pb.DetectRequest) -> pb.DetectResponse:
+    async def _detect(self, request: pb.DetectRequest,
+                      progress: _DetectProgress) -> pb.DetectResponse:
         config = pb.StreamConfig()
         config.CopyFrom(request.config)
         config.interim_results = True  # Detect returns every window
@@ -223,6 +268,9 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         # diarizer's rate too, so it hears the client's band rather than the model's
         diarized = self.diarization is not None and config.channel_mode != pb.CHANNEL_MODE_SPLIT
         mono_rate = DIARIZATION_RATE if diarized else None
+        stream_id = uuid.uuid4().hex[:16]
+        progress.log = log.bind(call_id=self.call_id_logging(config.call_id),
+                                stream_id=stream_id)
         try:
             if config.encoding == pb.AUDIO_ENCODING_UNSPECIFIED:
                 info = container_info(request.audio)
@@ -244,12 +292,17 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
                     settings.channels, rate, settings.split, max_seconds, cancel, mono_rate)
         finally:
             cancel.set()  # the caller is gone (or done): a decoding thread stops at its block
+        # the decoded duration, whatever the recording holds (silence included)
+        progress.log.info("detect decoded", audio_seconds=round(recording.audio.shape[0] / rate, 2),
+                          diarize=recording.mono is not None)
         attributor = None
         if self.diarization is not None and recording.mono is not None:
             # a whole recording: diarize it offline first, then score per speaker
+            progress.stage = "diarize"
             attributor = await self.diarization.offline_attributor(recording.mono)
             recording = recording._replace(mono=None)  # the turns are all it leaves
-        session = self._session(config, attributor)
+        progress.stage = "score"
+        session = self._session(config, attributor, stream_id)
         response = pb.DetectResponse()
         async for event in self._serve(session, _slices(recording.audio, rate)):
             if event.HasField("window"):
@@ -262,13 +315,28 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelResponse:
         async with grpc_statuses(context):
-            self._refuse_while_draining()
+            self._refuse_while_draining("GetModel")
         d = self.detector
         return pb.GetModelResponse(
             name=d.name, version=d.version, architecture=d.architecture,
             sample_rate_hz=d.sample_rate, window_seconds=d.window_seconds,
             calibration=pb.Calibration(scale=d.calibration.scale, bias=d.calibration.bias),
         )
+
+    async def WatchCalls(
+        self, request: pb.WatchCallsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchCallsResponse]:
+        """The admin feed (server/events.py), for the admin token only."""
+        async for event in watch_calls(self.events, self.config.admin_token, request, context):
+            yield event
+
+
+@dataclass
+class _DetectProgress:
+    """How far a Detect got, for the line logged when it is cancelled."""
+
+    log: Any
+    stage: str = "decode"  # then diarize (MIXED, diarization on), then score
 
 
 class StreamInput:
@@ -316,6 +384,13 @@ class StreamInput:
                 raise InvalidArgument("a request with neither config nor audio")
             yield self.decoder.decode(request.audio)
         yield self.decoder.flush()
+
+
+def _cancel_reason(context: grpc.aio.ServicerContext) -> str:
+    """Why grpc.aio cancelled a call: its deadline passed, or its client cancelled it (or
+    went away)."""
+    remaining = context.time_remaining()
+    return "deadline" if remaining is not None and remaining <= 0.01 else "client cancelled"
 
 
 def _decoding(decode: Callable[..., Recording], *args: Any) -> Recording:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from server import metrics
 from server.audio import Decoded
 from server.lanes import Lane, Lanes
 from server.logs import CallIdLogging
-from server.queue.base import InferenceQueue, WindowJob, WindowScore
+from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, WindowScore
 from server.settings import StreamSettings
 from server.speakers import ChannelAttributor, SpeakerAttributor
 from server.verdicts import DEFAULT_RULE, Alert, Verdict
@@ -85,6 +85,12 @@ class Session:
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: asyncio.Queue[_Pending | _Failed | object] = asyncio.Queue()
         self._job_ids = itertools.count()
+        #: windows submitted and never scored (the queue became unavailable: see ``run``)
+        self.windows_unscored = 0
+        #: the admin feed's hook (server/events.py): every scored window, the speaker's
+        #: running verdict and the alert raised, whatever the client asked for
+        self.on_scored: Callable[[pb.WindowResult, pb.SpeakerVerdict, pb.Alert | None],
+                                 None] | None = None
         logged_id = (call_id_logging or CallIdLogging())(settings.call_id)
         self.log = structlog.get_logger("callshield.session").bind(
             call_id=logged_id, stream_id=stream_id)
@@ -108,42 +114,66 @@ class Session:
         return pb.StreamSummary(
             call_id=self.settings.call_id,
             speakers=[verdict_pb(s.verdict, s.speech_ranges) for s in self.lanes.summary()],
-            audio_seconds=self.audio_seconds, windows_scored=self.lanes.windows_scored)
+            audio_seconds=self.audio_seconds, windows_scored=self.lanes.windows_scored,
+            windows_unscored=self.windows_unscored)
 
     async def run(
         self, source: AsyncIterator[Decoded]
     ) -> AsyncIterator[pb.StreamDetectResponse]:
         """Responses for ``source`` (model-rate audio per channel, and the mono the attributor
-        listens to at its ``mono_rate``, if any), then the summary."""
+        listens to at its ``mono_rate``, if any), then the summary.
+
+        When the queue becomes unavailable (Redis restarts, no worker answers in time) the
+        stream cannot go on being scored, but what was scored is not lost: reading stops, the
+        windows still queued are counted in the summary's ``windows_unscored``, the summary goes
+        out, and only then :class:`QueueUnavailable` is raised (the client's UNAVAILABLE)."""
         reader = asyncio.create_task(self._read(source))
+        failure: QueueUnavailable | None = None
         try:
             while True:
                 item = await self._pending.get()
                 if isinstance(item, _Failed):
-                    raise item.error
+                    if not isinstance(item.error, QueueUnavailable):
+                        raise item.error
+                    failure = item.error
+                    break
                 if not isinstance(item, _Pending):
                     break
                 try:
                     score = await item.task
+                except QueueUnavailable as exc:
+                    self.windows_unscored += 1
+                    failure = exc
+                    break
                 finally:
                     self._slots.release()
                 for event in self._events(item, score):
                     yield event
                 metrics.WINDOW_LATENCY_SECONDS.observe(time.perf_counter() - item.received)
+            if failure is not None:
+                await self._stop_reading(reader)
             summary = self.summary()
             self.log.info("stream summary", windows=summary.windows_scored,
+                          windows_unscored=summary.windows_unscored,
                           audio_seconds=round(summary.audio_seconds, 2),
                           verdicts={v.speaker: pb.SpeakerState.Name(v.state)
                                     for v in summary.speakers})
             yield pb.StreamDetectResponse(summary=summary)
+            if failure is not None:
+                raise failure
         finally:
-            reader.cancel()
-            while not self._pending.empty():
-                item = self._pending.get_nowait()
-                if isinstance(item, _Pending):
-                    item.task.cancel()
-            with suppress(asyncio.CancelledError, Exception):
-                await reader
+            await self._stop_reading(reader)
+
+    async def _stop_reading(self, reader: asyncio.Task[None]) -> None:
+        """Stop the reader and cancel the windows it queued, counting them unscored."""
+        reader.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await reader
+        while not self._pending.empty():
+            item = self._pending.get_nowait()
+            if isinstance(item, _Pending):
+                item.task.cancel()
+                self.windows_unscored += 1
 
     async def _read(self, source: AsyncIterator[Decoded]) -> None:
         try:
@@ -174,15 +204,24 @@ class Session:
         rule = item.lane.rule
         update = rule.update(score.spoof_probability, w.start, w.end, w.speech_total)
         events = []
+        window = pb.WindowResult(
+            start_seconds=w.start, end_seconds=w.end, speaker=item.lane.speaker,
+            spoof_probability=score.spoof_probability, model=score.model)
+        # a state change carries the speaker's speech so far: a client whose stream is lost
+        # before its summary (a detector crash) still has a range for each second of its
+        # speech_seconds (the plugins merge them across reconnects)
+        verdict = verdict_pb(rule.verdict(), item.lane.speech_ranges if update.changed else ())
         if self.settings.interim_results:
-            events.append(pb.StreamDetectResponse(window=pb.WindowResult(
-                start_seconds=w.start, end_seconds=w.end, speaker=item.lane.speaker,
-                spoof_probability=score.spoof_probability, model=score.model)))
+            events.append(pb.StreamDetectResponse(window=window))
         if self.settings.interim_results or update.changed:
-            events.append(pb.StreamDetectResponse(verdict=verdict_pb(rule.verdict())))
+            events.append(pb.StreamDetectResponse(verdict=verdict))
+        alerted = None
         if (alert := update.alert) is not None:
             metrics.ALERTS.inc()
             self.log.warning("spoof alert", speaker=alert.speaker, start=round(alert.start, 2),
                              end=round(alert.end, 2), spoof_probability=round(alert.probability, 3))
-            events.append(pb.StreamDetectResponse(alert=alert_pb(alert)))
+            alerted = alert_pb(alert)
+            events.append(pb.StreamDetectResponse(alert=alerted))
+        if self.on_scored is not None:
+            self.on_scored(window, verdict, alerted)
         return events

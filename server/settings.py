@@ -33,6 +33,7 @@ class StreamSettings:
     hop_seconds: float
     interim_results: bool
     alert_threshold: float
+    platform: str = ""  # StreamConfig.platform, shown in the admin feed (server/events.py)
 
 
 def _labels(config: pb.StreamConfig, split: bool, channels: int) -> tuple[str, ...]:
@@ -71,7 +72,10 @@ def parse_settings(config: pb.StreamConfig, model_window_seconds: float) -> Stre
         raise InvalidArgument(f"alert_threshold {threshold} must lie strictly between 0 and 1")
     if len(config.call_id) > MAX_CALL_ID_CHARS:
         raise InvalidArgument(f"call_id longer than {MAX_CALL_ID_CHARS} characters")
+    if len(config.platform) > MAX_LABEL_CHARS:
+        raise InvalidArgument(f"platform longer than {MAX_LABEL_CHARS} characters")
     return StreamSettings(
+        platform=config.platform,
         encoding=config.encoding, sample_rate=config.sample_rate_hz, channels=channels,
         split=split, call_id=config.call_id, speakers=_labels(config, split, channels),
         window_seconds=float(window), hop_seconds=float(hop),

@@ -20,7 +20,9 @@ never come here: each channel is a party.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import importlib.util
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -187,16 +189,113 @@ def diarization_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("pyannote.audio", "resemblyzer"))
 
 
+class PipelinePool:
+    """Offline diarization pipelines for ``Detect``, at most ``size`` of them, built on demand.
+
+    A pyannote pipeline object is not re-entrant, and one shared pipeline behind a lock made a
+    30 s recording wait for a long one diarized before it (25 to 78 s for a 2.2 s job). Each
+    recording being diarized holds a pipeline of its own, so recordings run side by side (the
+    pipelines' models are small, MBs; a long recording's working set is what ``size`` bounds).
+    When every pipeline is busy, the next one freed goes to the shortest recording waiting, so
+    a normal call is not queued behind hour-long ones. Lives on the event loop; only building
+    and running a pipeline happen in worker threads.
+    """
+
+    def __init__(self, size: int, source: str = "") -> None:
+        if size < 1:
+            raise ValueError("an offline diarization pool needs at least one pipeline")
+        self.size = size
+        self.source = source  # official pipeline directory; "" = the project's
+        self.built = 0  # pipelines built or being built
+        self.busy = 0  # recordings holding a pipeline now (tests, metrics)
+        self._idle: list[Any] = []
+        # (samples, arrival, future): the future gets a pipeline, or None for "build one"
+        self._waiting: list[tuple[int, int, asyncio.Future[Any]]] = []
+        self._arrivals = itertools.count()
+
+    async def _checkout(self, samples: int) -> Any:
+        """A pipeline, or None when the caller is to build one (a slot is its now)."""
+        if self._idle:
+            return self._idle.pop()
+        if self.built < self.size:
+            self.built += 1
+            return None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (samples, next(self._arrivals), future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # handed over as we were cancelled
+                self._checkin(future.result())
+            raise
+
+    def _checkin(self, pipeline: Any) -> None:
+        """``pipeline`` to the shortest recording waiting, else to the idle ones; ``None``
+        (a build failed) hands the slot on."""
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():  # skip the callers that went away
+                future.set_result(pipeline)
+                return
+        if pipeline is None:
+            self.built -= 1
+        else:
+            self._idle.append(pipeline)
+
+    async def turns(self, audio: np.ndarray) -> list[tuple[float, float, str]]:
+        """Speech turns of mono ``audio`` at :data:`DIARIZATION_RATE`. A caller that goes away
+        (cancel, deadline, drain) stops its thread within one inference batch; the pipeline
+        goes back to the pool only once that thread is done with it."""
+        from diarization.offline import diarize, load_pipeline
+
+        pipeline = await self._checkout(audio.shape[0])
+        cancel = threading.Event()
+
+        def run(pipeline: Any) -> tuple[Any, list[tuple[float, float, str]]]:
+            if pipeline is None:
+                pipeline = load_pipeline(self.source or None)
+            if cancel.is_set():
+                return pipeline, []
+            try:
+                return pipeline, diarize(pipeline, audio, DIARIZATION_RATE, cancel)
+            except Exception:
+                if cancel.is_set():  # stopped for a caller that is gone: the pipeline is fine
+                    return pipeline, []
+                raise
+            finally:
+                trim_heap()  # the pipeline's arrays for a long recording: see server/memory.py
+
+        self.busy += 1
+        job = asyncio.ensure_future(asyncio.to_thread(run, pipeline))
+        job.add_done_callback(self._returned)
+        try:
+            _, turns = await asyncio.shield(job)
+        finally:
+            cancel.set()
+        return turns
+
+    def _returned(self, job: asyncio.Future[tuple[Any, list[tuple[float, float, str]]]]) -> None:
+        self.busy -= 1
+        if job.cancelled() or job.exception() is not None:
+            self._checkin(None)  # a pipeline that failed may be broken: the next one is new
+        else:
+            self._checkin(job.result()[0])
+
+
 @dataclass
 class Diarization:
-    """Models shared by every MIXED stream of the server, loaded once at start-up."""
+    """Models shared by every MIXED stream of the server, loaded once at start-up, and the
+    pool of offline pipelines of ``Detect``."""
 
     models: Any  # diarization.stream.DiarizationModels
     model_rate: int
     step_seconds: float = 1.0
     pipeline_source: str = ""  # official pipeline directory for Detect; "" = project's
-    _pipeline: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    offline_pipelines: int = 2  # MIXED Detect recordings diarized at once
+    pool: PipelinePool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = PipelinePool(self.offline_pipelines, self.pipeline_source)
 
     def stream_attributor(self, client_rate: int) -> DiarizingAttributor:
         """The diarizer hears the client's audio at ``client_rate`` (resampled once, to the
@@ -207,39 +306,20 @@ class Diarization:
             self.models, client_rate, StreamConfig(step_seconds=self.step_seconds),
             output_rate=self.model_rate))
 
-    def _offline_turns(self, audio: np.ndarray,
-                       cancel: threading.Event) -> list[tuple[float, float, str]]:
-        from diarization.offline import diarize, load_pipeline
-
-        with self._lock:  # one pipeline object, not re-entrant
-            if cancel.is_set():  # gone while waiting for the lock
-                return []
-            if self._pipeline is None:
-                self._pipeline = load_pipeline(self.pipeline_source or None)
-            try:
-                return diarize(self._pipeline, audio, DIARIZATION_RATE, cancel)
-            finally:
-                trim_heap()  # the pipeline's arrays for a long recording: see server/memory.py
-
     async def offline_attributor(self, audio: np.ndarray) -> TurnsAttributor:
         """The turns of a recording's mono ``audio`` at :data:`DIARIZATION_RATE` (decoded from the
         client's samples straight to that rate, so the diarizer hears the client's band, not
-        the spoof model's); the turns are in seconds, so they attribute the model-rate audio.
-        A caller that goes away (cancel, deadline) stops the diarization thread within one
-        inference batch and frees the pipeline for the next."""
-        cancel = threading.Event()
-        try:
-            turns = await asyncio.to_thread(self._offline_turns, audio, cancel)
-        finally:
-            cancel.set()
-        return TurnsAttributor(turns, self.model_rate)
+        the spoof model's); the turns are in seconds, so they attribute the model-rate audio."""
+        return TurnsAttributor(await self.pool.turns(audio), self.model_rate)
 
 
 def load_diarization(mode: str, segmentation: str, pipeline: str, step_seconds: float,
-                     model_rate: int, precision: str = "auto") -> Diarization | None:
+                     model_rate: int, precision: str = "auto",
+                     offline_pipelines: int = 2) -> Diarization | None:
     """``mode``: ``off``; ``on`` (fail when the models cannot load); ``auto`` (on when the
     checkpoint and the packages are there, else off with a log line). ``precision``: of the
-    speaker embeddings (``diarization.stream.DiarizationModels``)."""
+    speaker embeddings (``diarization.stream.DiarizationModels``); ``offline_pipelines``:
+    MIXED ``Detect`` recordings diarized at once (:class:`PipelinePool`)."""
     if mode == "off":
         return None
     from diarization.paths import SEGMENTATION_CHECKPOINT
@@ -252,5 +332,6 @@ def load_diarization(mode: str, segmentation: str, pipeline: str, step_seconds: 
 
     models = DiarizationModels(checkpoint, precision=precision)
     log.info("diarization on", segmentation=str(checkpoint), step_seconds=step_seconds,
-             embedding_precision=models.precision, offline_pipeline=pipeline or "project")
-    return Diarization(models, model_rate, step_seconds, pipeline)
+             embedding_precision=models.precision, offline_pipeline=pipeline or "project",
+             offline_pipelines=offline_pipelines)
+    return Diarization(models, model_rate, step_seconds, pipeline, offline_pipelines)

@@ -152,6 +152,14 @@ class Windower:
         min_tail = max(self.hop // 2, int(MIN_TAIL_SECONDS * self.sample_rate))
         if tail >= min_tail:
             return [self._cut(self.total)]
+        if tail > 0:
+            # too short to score, and still call time the speaker may have spoken in: its
+            # speech ranges count (else a call's last range ended up to half a hop early,
+            # e.g. at 29.5 s of a 30 s call)
+            rate = self.sample_rate
+            _, mask = _speech_frames(self._buf[self._last_end - self._buf_start:], rate)
+            self.speech.add(self._last_end / rate, mask, SPEECH_FRAME_SECONDS)
+            self._last_end = self.total
         return []
 
     def _cut(self, end: int) -> Window:

@@ -65,6 +65,21 @@ def test_a_bad_value_is_a_usage_error_naming_the_flag(
     assert "--max-batch: invalid int value: 'many'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("variable", "value"), [("CALLSHIELD_QUEUE", "foo"),
+                                                  ("CALLSHIELD_DIARIZATION_PRECISION", "fp8")])
+def test_a_value_outside_the_choices_is_a_usage_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str,
+    value: str,
+) -> None:
+    # argparse checks choices on the command line only: unchecked, CALLSHIELD_QUEUE=foo
+    # was taken silently.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_info:
+        server_args([])
+    assert exit_info.value.code == 2
+    assert f"{variable}='{value}': choose from" in capsys.readouterr().err
+
+
 def test_worker_scoped_names_then_shared_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALLSHIELD_MAX_BATCH", "8")  # the server's, shared with the workers
     monkeypatch.setenv("CALLSHIELD_REDIS_URL", "redis://shared:6379/0")

@@ -46,6 +46,11 @@ def _shared_calls() -> None:
 CHANNEL = "PJSIP/caller-00000001"
 
 
+def _fork_alerts(frames: list[dict]) -> list[dict]:
+    """The alert frames a fork module turns into an event: ``type`` ``json``."""
+    return [f for f in frames if f.get("type") == "json" and f["data"]["type"] == "spoof_alert"]
+
+
 async def _four_calls(server: RunningServer, legs: Legs) -> tuple[
         FakeAmi, FakeHttp, list[dict], list[dict], bytes, str]:
     # a UUID that starts with a letter: the documented dialplan pattern once matched only
@@ -101,8 +106,9 @@ async def test_spoofed_caller_alerts_through_every_back_channel(
     assert [u.path for u in updates] == [f"/2010-04-01/Accounts/ACtest/Calls/{call_sid}.json"]
     assert updates[0].method == "POST" and b"Url=https" in updates[0].body
     assert updates[0].headers["Authorization"].startswith("Basic ")
-    # FreeSWITCH: the JSON alert frame on the fork socket
-    alerts = [f for f in fork_frames if f.get("type") == "spoof_alert"]
+    # FreeSWITCH: the JSON alert frame on the fork socket, in the form mod_audio_fork raises
+    # as its mod_audio_fork::json event (test_plugins_protocols)
+    alerts = _fork_alerts(fork_frames)
     assert [a["data"]["speaker"] for a in alerts] == ["caller"]
     # AudioHook: an event message carrying the alert, in sequence
     events = [m for m in hook_messages if m["type"] == "event"]
@@ -137,6 +143,6 @@ async def test_bonafide_call_alerts_nowhere(shipped_server: RunningServer) -> No
         "audiohook", "audiosocket", "freeswitch", "twilio"]
     assert all(s["state"] != "SPEAKER_STATE_SPOOF_SUSPECTED" and e["alerts"] == 0
                for e in events for s in e["speakers"])
-    assert [f for f in fork_frames if f.get("type") == "spoof_alert"] == []
+    assert _fork_alerts(fork_frames) == []
     assert [m for m in hook_messages if m["type"] == "event"] == []
     assert [m["type"] for m in hook_messages] == ["opened", "closed"]

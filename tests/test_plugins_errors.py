@@ -244,11 +244,17 @@ async def test_dropped_detector_closes_every_call_cleanly(detector: Any) -> None
                     while True:
                         await fork.recv()
             feeding.cancel()
+            await wait_until(lambda: len([e for e in logs if e["event"] == "call closed"]) >= 3,
+                             "every call closed")
         assert fork.close_code == 1011
         assert disconnect["parameters"]["info"] == "detector unavailable"
         failed = {e["plugin"]: e["reason"] for e in logs if e["event"] == "detector error"}
         assert failed == dict.fromkeys(["audiosocket", "freeswitch", "audiohook"],
                                        "detector unreachable for 1 s")
+        # a call dropped at its end names what ended it, not the close that followed (the
+        # AudioHook call is aborted after its close; the others end at the platform's hangup)
+        aborted = {e["plugin"]: e["reason"] for e in logs if e["event"] == "call aborted"}
+        assert aborted == {"audiohook": "detector unreachable for 1 s"}, aborted
         writer.close()
         await fork.close()
         await hook.close()

@@ -354,3 +354,44 @@ async def test_audiohook_pause_is_filled_with_silence(plugins: RunningPlugins,
     (summary,) = _summaries(http)
     assert summary["call_id"] == conversation
     assert 3.2 <= summary["audio_seconds"] <= 2.0 + 1.5 + 3.0  # audio + the pause (+ slack)
+
+
+# --- FreeSWITCH: every mix type's summary covers the fork's whole life --------------------
+
+async def _fork(port: int, call_uuid: str, mix: str, pcm: np.ndarray) -> None:
+    """mod_audio_fork's side: the metadata, then L16 in 20 ms frames at real time, as the
+    module sends them (``stereo``: the caller on channel 0, a silent agent on 1), then
+    close."""
+    channels = 2 if mix == "stereo" else 1
+    frames = np.zeros((len(pcm), channels), np.int16)
+    frames[:, 0] = pcm.reshape(-1)
+    url = f"ws://127.0.0.1:{port}/fork"
+    start = time.monotonic()
+    async with websockets.connect(url, subprotocols=[
+            websockets.Subprotocol("audio.drachtio.org")]) as w:
+        await w.send(json.dumps({"uuid": call_uuid, "sampleRate": 8000, "mixType": mix}))
+        for n, i in enumerate(range(0, len(frames), FRAME)):
+            await w.send(frames[i:i + FRAME].astype("<i2").tobytes())
+            await asyncio.sleep(max(0.0, start + (n + 1) * FRAME / 8000 - time.monotonic()))
+
+
+@pytest.mark.parametrize("mix", ["mono", "stereo", "mixed"])
+async def test_freeswitch_summary_covers_the_whole_fork(
+        shipped_server: RunningServer, http: FakeHttp, mix: str) -> None:
+    """``audio_seconds`` is the fork's length whatever the mix type: mono is one known
+    party, stereo two (the agent silent), mixed one channel the server diarizes (a real
+    FreeSWITCH reported stereo and mixed forks about 2 s short)."""
+    seconds = 4.0
+    settings = PluginSettings(freeswitch="127.0.0.1:0/fork")
+    webhook = WebhookSender([f"{http.url}/hook"], backoff_seconds=0.05)
+    running = await start_plugins(settings, DetectorLink(f"127.0.0.1:{shipped_server.port}",
+                                                         webhook=webhook))
+    try:
+        call_uuid = str(uuid.uuid4())
+        await _fork(running.ports["freeswitch"], call_uuid, mix, noise_pcm(seconds))
+        await wait_until(lambda: _summaries(http), "the call_summary webhook", 60)
+    finally:
+        await running.stop()
+    (summary,) = _summaries(http)
+    assert summary["call_id"] == call_uuid and summary["plugin"] == "freeswitch"
+    assert summary["audio_seconds"] == pytest.approx(seconds, abs=0.001), summary

@@ -240,8 +240,48 @@ def test_freeswitch_metadata_announces_the_format() -> None:
     assert p.receive(json.dumps({"type": "anything"})) == []  # later text frames: ignored
     assert violation(p.receive(b"\x00" * 6)).code == INVALID_PAYLOAD  # not whole stereo samples
     assert p.end_of_input(1000) == [ev.Note("fork closed"), ev.Hangup()]
-    alert = json.loads(str(p.alert({"speaker": "caller"})))
-    assert alert == {"type": "spoof_alert", "data": {"speaker": "caller"}}
+    alert = json.loads(str(p.alert({"type": "spoof_alert", "speaker": "caller"})))
+    assert alert == {"type": "json", "data": {"type": "spoof_alert", "speaker": "caller"}}
+
+
+def _mod_audio_fork(frame: str) -> tuple[str, dict[str, Any]] | str:
+    """What drachtio's mod_audio_fork (and jambonz's fork of it) does with a text frame from
+    the server, after ``processIncomingMessage`` in ``lws_glue.cpp``: the custom event it
+    fires and its body, or the error it logs. ``json`` is the only type whose event carries
+    the whole frame; ``transcription``/``transfer``/... carry ``data`` under their own event
+    names, which the module also acts on (``transfer``, ``disconnect``, audio playback)."""
+    message = json.loads(frame)
+    kind = message.get("type", "")
+    known = {"transcription", "transfer", "disconnect", "error"}
+    if kind == "json":
+        return "mod_audio_fork::json", message
+    if kind in known:
+        return f"mod_audio_fork::{kind}", message.get("data")
+    return f"processIncomingMessage - unsupported msg type {kind}"
+
+
+def _mod_audio_stream(frame: str) -> tuple[str, dict[str, Any]] | str:
+    """amigniter's mod_audio_stream (``audio_streamer_glue.cpp``, ``eventCallback``): a text
+    frame other than ``streamAudio`` is raised as ``mod_audio_stream::json``, body as sent."""
+    message = json.loads(frame)
+    if message.get("type") == "streamAudio":
+        return "streamAudio: played, no event"
+    return "mod_audio_stream::json", message
+
+
+def test_freeswitch_alert_frame_is_an_event_in_both_fork_modules() -> None:
+    """The alert reaches the ESL application as each module's ``::json`` event, with the
+    alert in the body. A real FreeSWITCH logged ``unsupported msg type spoof_alert`` and
+    raised nothing for the frame this plugin used to send (``{"type": "spoof_alert"}``)."""
+    data = {"type": "spoof_alert", "speaker": "caller", "spoof_probability": 0.97}
+    frame = str(AudioForkProtocol().alert(data))
+    for module in (_mod_audio_fork, _mod_audio_stream):
+        event = module(frame)
+        assert isinstance(event, tuple), (module.__name__, event)
+        name, body = event
+        assert name.endswith("::json") and body["data"] == data, (module.__name__, event)
+    old = json.dumps({"type": "spoof_alert", "data": data})
+    assert _mod_audio_fork(old) == "processIncomingMessage - unsupported msg type spoof_alert"
 
 
 def test_freeswitch_mixed_goes_to_the_server_as_one_mixed_channel() -> None:

@@ -201,7 +201,8 @@ async def test_metrics_endpoint(stub: pb_grpc.DetectionServiceStub) -> None:
 
 
 def test_call_ids_in_logs_are_safe_or_hashed() -> None:
-    plain = CallIdLogging()
+    plain = CallIdLogging("plain")
+    assert CallIdLogging().mode == "hash"  # privacy is the default
     assert plain("call-42") == "call-42"
     assert plain("+1 (555) 010\n\x1b[31mX") == "+1__555__010___31mX"
     cut = plain("a" * 200)

@@ -135,6 +135,19 @@ def test_windows_grow_then_slide_with_a_bounded_buffer() -> None:
     assert (tail.start, tail.end) == (3.5, 7.5)
 
 
+def test_speech_ranges_reach_the_end_of_a_tail_too_short_to_score() -> None:
+    """A call whose last 0.3 s (under the half hop a final window needs) is speech: no
+    window, and still the speaker's last range ends with the call (a real 30 s call's last
+    range ended at 29.5 s)."""
+    w = Windower(8000, 4.0, 1.0)
+    for _ in range(73):  # 7.3 s in 100 ms chunks
+        w.push(np.full(800, 0.1, np.float32))
+    assert w.flush() == []
+    assert w.speech.ranges == [[0.0, pytest.approx(7.3)]]
+    assert w.flush() == []  # idempotent
+    assert w.speech.ranges == [[0.0, pytest.approx(7.3)]]
+
+
 def test_silence_is_not_speech() -> None:
     w = Windower(8000, 4.0, 1.0)
     (window,) = w.push(np.full(8000, 1e-4, np.float32))

@@ -50,36 +50,56 @@ def test_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 class GatedQueue(InProcessQueue):
-    """Scores nothing until the gate opens: a backed-up queue, for the flow control test."""
+    """Scores a window only when the test releases one: a backed-up queue, for the flow
+    control test. Records the most windows ever waiting at once."""
 
     def __init__(self, detector: Detector) -> None:
         super().__init__(detector)
-        self.gate = asyncio.Event()
+        self.released = asyncio.Semaphore(0)
         self.waiting = 0
+        self.peak = 0
 
     async def submit(self, job: WindowJob) -> WindowScore:
         self.waiting += 1
-        await self.gate.wait()
+        self.peak = max(self.peak, self.waiting)
+        await self.released.acquire()
         self.waiting -= 1
         return await super().submit(job)
 
 
+WINDOWS = 12  # 1 s hop: one window per second of audio
+
+
 async def test_fast_client_is_slowed_not_dropped(detector: Detector) -> None:
+    """A client sends 12 s of audio at once while the queue scores one window at a time,
+    only when the test lets it: the stream never has more than its two windows in flight
+    (a server that read on regardless would have read all 12 s at the first wait), and
+    every window is scored in the end. Nothing is timed: the queue counts."""
     queue = GatedQueue(detector)
     async with serving(detector, queue, max_inflight_per_stream=2) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.DetectionServiceStub(channel)
-            reqs = requests(stream_config(), linear16_chunks(noise_pcm(60.0), seconds=0.5))
+            chunks = linear16_chunks(noise_pcm(float(WINDOWS)), seconds=0.5)
+            reqs = requests(stream_config(), chunks)
             call = stub.StreamDetect(iter(reqs))
-            await wait_until(lambda: queue.waiting == 2, "two windows held at the gate")
-            await asyncio.sleep(0.5)  # time for a server that ignores the limit to read on
-            (session,) = running.servicer.sessions.values()
-            assert isinstance(session, Session)
-            read = session.lanes.lane("A").windower.total / 8000
-            assert 2 <= read < 20  # stopped reading near two windows in flight
-            queue.gate.set()
-            responses = [r async for r in call]
-    assert responses[-1].summary.windows_scored == 60
+            reading = asyncio.ensure_future(_responses(call))
+            for left in range(WINDOWS, 0, -1):
+                await wait_until(lambda left=left: queue.waiting >= min(2, left),  # type: ignore[misc]
+                                 f"a window waiting, {left} to go")
+                (session,) = running.servicer.sessions.values()
+                assert isinstance(session, Session)
+                scored = WINDOWS - left
+                # read no further than the two windows in flight (1 s hop), the next one
+                # formed and waiting for a slot, and one 0.5 s chunk
+                assert session.lanes.lane("A").windower.total / 8000 <= scored + 2 + 1 + 0.5
+                queue.released.release()
+            responses = await asyncio.wait_for(reading, 60)
+    assert queue.peak == 2
+    assert responses[-1].summary.windows_scored == WINDOWS
+
+
+async def _responses(call: grpc.aio.StreamStreamCall) -> list[pb.StreamDetectResponse]:
+    return [r async for r in call]
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -113,7 +133,7 @@ async def test_server_process_with_tls_auth_and_sigterm(tmp_path: Path) -> None:
     try:
         credentials = grpc.ssl_channel_credentials(cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-            await asyncio.wait_for(channel.channel_ready(), 60)
+            await asyncio.wait_for(channel.channel_ready(), 180)  # process start, loaded CI
             stub = pb_grpc.DetectionServiceStub(channel)
             metadata = (("authorization", "Bearer t0k"),)
             model = await stub.GetModel(pb.GetModelRequest(), metadata=metadata)
@@ -167,7 +187,7 @@ async def test_sigterm_drain_ends_every_stream_with_its_summary() -> None:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await asyncio.wait_for(channel.channel_ready(), 60)
+            await asyncio.wait_for(channel.channel_ready(), 180)  # process start, loaded CI
             await wait_health(port, SERVING, 30)
             stub = pb_grpc.DetectionServiceStub(channel)
             (a_audio,) = linear16_chunks(noise_pcm(1.5), seconds=1.5)

@@ -188,12 +188,19 @@ async def test_redis_restart_without_persistence(detector: Detector) -> None:
                 await asyncio.to_thread(redis_proc.wait)
                 await wait_health(running.port, NOT_SERVING, 15)
                 phase[0] = "down"
+                inflight: list[pb.StreamDetectResponse] = []
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await call.write(pb.StreamDetectRequest(audio=chunk))
                     await call.done_writing()
-                    while await asyncio.wait_for(call.read(), 30) != grpc.aio.EOF:
-                        pass
+                    while (response := await asyncio.wait_for(call.read(), 30)) != grpc.aio.EOF:
+                        inflight.append(response)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                # ...with its summary first: what was scored before Redis died is not lost,
+                # and the windows that never were are counted (it used to end bare)
+                summaries = [r.summary for r in inflight if r.HasField("summary")]
+                assert [s.call_id for s in summaries] == ["inflight"], inflight
+                assert summaries[0].windows_scored >= 1
+                assert summaries[0].windows_scored + summaries[0].windows_unscored >= 2
                 await wait_until(lambda: seen("down") >= 20, "health sampled while Redis is down")
 
                 phase[0] = "restarting"

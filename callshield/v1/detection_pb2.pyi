@@ -39,7 +39,7 @@ SPEAKER_STATE_LIKELY_BONAFIDE: SpeakerState
 SPEAKER_STATE_SPOOF_SUSPECTED: SpeakerState
 
 class StreamConfig(_message.Message):
-    __slots__ = ("encoding", "sample_rate_hz", "channels", "channel_mode", "call_id", "party_labels", "window_seconds", "hop_seconds", "interim_results", "alert_threshold")
+    __slots__ = ("encoding", "sample_rate_hz", "channels", "channel_mode", "call_id", "party_labels", "window_seconds", "hop_seconds", "interim_results", "alert_threshold", "platform")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class StreamConfig(_message.Message):
     HOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     ALERT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
     encoding: AudioEncoding
     sample_rate_hz: int
     channels: int
@@ -60,7 +61,8 @@ class StreamConfig(_message.Message):
     hop_seconds: float
     interim_results: bool
     alert_threshold: float
-    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ..., channel_mode: _Optional[_Union[ChannelMode, str]] = ..., call_id: _Optional[str] = ..., party_labels: _Optional[_Iterable[str]] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., alert_threshold: _Optional[float] = ...) -> None: ...
+    platform: str
+    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ..., channel_mode: _Optional[_Union[ChannelMode, str]] = ..., call_id: _Optional[str] = ..., party_labels: _Optional[_Iterable[str]] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., alert_threshold: _Optional[float] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class StreamDetectRequest(_message.Message):
     __slots__ = ("config", "audio")
@@ -119,16 +121,18 @@ class Alert(_message.Message):
     def __init__(self, speaker: _Optional[str] = ..., start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ..., spoof_probability: _Optional[float] = ...) -> None: ...
 
 class StreamSummary(_message.Message):
-    __slots__ = ("call_id", "speakers", "audio_seconds", "windows_scored")
+    __slots__ = ("call_id", "speakers", "audio_seconds", "windows_scored", "windows_unscored")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     SPEAKERS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_UNSCORED_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     speakers: _containers.RepeatedCompositeFieldContainer[SpeakerVerdict]
     audio_seconds: float
     windows_scored: int
-    def __init__(self, call_id: _Optional[str] = ..., speakers: _Optional[_Iterable[_Union[SpeakerVerdict, _Mapping]]] = ..., audio_seconds: _Optional[float] = ..., windows_scored: _Optional[int] = ...) -> None: ...
+    windows_unscored: int
+    def __init__(self, call_id: _Optional[str] = ..., speakers: _Optional[_Iterable[_Union[SpeakerVerdict, _Mapping]]] = ..., audio_seconds: _Optional[float] = ..., windows_scored: _Optional[int] = ..., windows_unscored: _Optional[int] = ...) -> None: ...
 
 class StreamDetectResponse(_message.Message):
     __slots__ = ("window", "verdict", "alert", "summary")
@@ -185,3 +189,67 @@ class GetModelResponse(_message.Message):
     window_seconds: float
     calibration: Calibration
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., window_seconds: _Optional[float] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+
+class WatchCallsRequest(_message.Message):
+    __slots__ = ("include_windows",)
+    INCLUDE_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    include_windows: bool
+    def __init__(self, include_windows: _Optional[bool] = ...) -> None: ...
+
+class CallOpened(_message.Message):
+    __slots__ = ("platform", "speakers", "channel_mode", "alert_threshold", "model", "rpc", "opened_at")
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MODE_FIELD_NUMBER: _ClassVar[int]
+    ALERT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RPC_FIELD_NUMBER: _ClassVar[int]
+    OPENED_AT_FIELD_NUMBER: _ClassVar[int]
+    platform: str
+    speakers: _containers.RepeatedScalarFieldContainer[str]
+    channel_mode: ChannelMode
+    alert_threshold: float
+    model: str
+    rpc: str
+    opened_at: float
+    def __init__(self, platform: _Optional[str] = ..., speakers: _Optional[_Iterable[str]] = ..., channel_mode: _Optional[_Union[ChannelMode, str]] = ..., alert_threshold: _Optional[float] = ..., model: _Optional[str] = ..., rpc: _Optional[str] = ..., opened_at: _Optional[float] = ...) -> None: ...
+
+class CallClosed(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    def __init__(self, status: _Optional[str] = ...) -> None: ...
+
+class WatchCallsResponse(_message.Message):
+    __slots__ = ("stream_id", "call_id", "server_time", "snapshot", "opened", "window", "verdict", "alert", "summary", "closed", "ready")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    call_id: str
+    server_time: float
+    snapshot: bool
+    opened: CallOpened
+    window: WindowResult
+    verdict: SpeakerVerdict
+    alert: Alert
+    summary: StreamSummary
+    closed: CallClosed
+    ready: WatchReady
+    def __init__(self, stream_id: _Optional[str] = ..., call_id: _Optional[str] = ..., server_time: _Optional[float] = ..., snapshot: _Optional[bool] = ..., opened: _Optional[_Union[CallOpened, _Mapping]] = ..., window: _Optional[_Union[WindowResult, _Mapping]] = ..., verdict: _Optional[_Union[SpeakerVerdict, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ..., closed: _Optional[_Union[CallClosed, _Mapping]] = ..., ready: _Optional[_Union[WatchReady, _Mapping]] = ...) -> None: ...
+
+class WatchReady(_message.Message):
+    __slots__ = ("open_calls", "server_started_at")
+    OPEN_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    open_calls: int
+    server_started_at: float
+    def __init__(self, open_calls: _Optional[int] = ..., server_started_at: _Optional[float] = ...) -> None: ...

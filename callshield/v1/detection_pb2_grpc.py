@@ -49,6 +49,11 @@ class DetectionServiceStub:
                 request_serializer=callshield_dot_v1_dot_detection__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=callshield_dot_v1_dot_detection__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.WatchCalls = channel.unary_stream(
+                '/callshield.v1.DetectionService/WatchCalls',
+                request_serializer=callshield_dot_v1_dot_detection__pb2.WatchCallsRequest.SerializeToString,
+                response_deserializer=callshield_dot_v1_dot_detection__pb2.WatchCallsResponse.FromString,
+                _registered_method=True)
 
 
 class DetectionServiceServicer:
@@ -75,6 +80,16 @@ class DetectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCalls(self, request, context):
+        """Admin: every call's events as they happen (open, verdicts, alerts, window scores,
+        summary, close), for a fraud-desk console. Authorized by the server's admin token
+        (--admin-token), never by the stream token; refused (PERMISSION_DENIED) when the server
+        has none. The calls open when the watch begins come first, marked `snapshot`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +107,11 @@ def add_DetectionServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=callshield_dot_v1_dot_detection__pb2.GetModelRequest.FromString,
                     response_serializer=callshield_dot_v1_dot_detection__pb2.GetModelResponse.SerializeToString,
+            ),
+            'WatchCalls': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCalls,
+                    request_deserializer=callshield_dot_v1_dot_detection__pb2.WatchCallsRequest.FromString,
+                    response_serializer=callshield_dot_v1_dot_detection__pb2.WatchCallsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +195,33 @@ class DetectionService:
             '/callshield.v1.DetectionService/GetModel',
             callshield_dot_v1_dot_detection__pb2.GetModelRequest.SerializeToString,
             callshield_dot_v1_dot_detection__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/callshield.v1.DetectionService/WatchCalls',
+            callshield_dot_v1_dot_detection__pb2.WatchCallsRequest.SerializeToString,
+            callshield_dot_v1_dot_detection__pb2.WatchCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,9 +6,16 @@ metadata must (see docs/telephony.md): ``uuid`` (or ``callId``), ``sampleRate`` 
 or "8k"/"16k") and ``mixType`` (``mono``/``mixed``: one channel; ``stereo``: two, the caller on
 channel 0) or ``channels``. Then binary frames of signed 16-bit little-endian PCM, interleaved
 when stereo. Later text frames are ignored (the modules may send their own). The module ends
-a call by closing the socket: that is the normal hangup. Alerts go back in band as a JSON
-text frame ``{"type": "spoof_alert", "data": {...}}``, which mod_audio_fork raises as a
-``mod_audio_fork::json`` custom event.
+a call by closing the socket: that is the normal hangup.
+
+Alerts go back in band as a JSON text frame ``{"type": "json", "data": {"type": "spoof_alert",
+...}}``. The ``type`` is what the modules dispatch on: mod_audio_fork (drachtio's, and
+jambonz's fork of it; ``processIncomingMessage`` in ``lws_glue.cpp``) knows ``playAudio``,
+``killAudio``, ``transcription``, ``transfer``, ``disconnect``, ``error`` and ``json``, raises
+only ``json`` as the ``mod_audio_fork::json`` custom event whose body is the whole frame, and
+logs ``unsupported msg type`` for anything else (a real FreeSWITCH dropped every alert sent as
+``{"type": "spoof_alert"}`` so). amigniter's mod_audio_stream raises any text frame but
+``streamAudio`` as ``mod_audio_stream::json``, body the whole frame: the one form serves both.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from plugins.protocols.events import (
 RATES = {"8k": 8000, "8000": 8000, "16k": 16000, "16000": 16000}
 MIX_CHANNELS = {"mono": 1, "mixed": 1, "stereo": 2}
 SUBPROTOCOLS = ("audio.drachtio.org", "audiostream.drachtio.org")
+#: the frame type mod_audio_fork raises as an event (``mod_audio_fork::json``)
+ALERT_FRAME_TYPE = "json"
 
 
 def parse_metadata(data: dict[str, Any]) -> tuple[str, AudioFormat]:
@@ -73,4 +82,6 @@ class AudioForkProtocol(WebSocketProtocol):
         return [ev.Note("fork closed"), ev.Hangup()] if self.format is not None else []
 
     def alert(self, data: dict[str, Any]) -> Outbound | None:
-        return dumps({"type": "spoof_alert", "data": data})
+        """The frame both fork modules raise as their ``::json`` event (module docstring);
+        ``data["type"]`` (``spoof_alert``) tells the ESL application what it carries."""
+        return dumps({"type": ALERT_FRAME_TYPE, "data": data})
