@@ -492,7 +492,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "False alarms: dev bona fide trials whose spoof probability reaches the service's "
         "alert threshold (0.5), under a calibration fitted on the pooled LOSO scores with a "
-        f"bona fide prior of {BONAFIDE_PRIOR} (as the shipped models); digits are trials "
+        f"bona fide prior of {BONAFIDE_PRIOR} (`ship`'s default, as lcnn, lfcc-gmm and fusion "
+        "ship; the Makefile ships the default model at 0.92); digits are trials "
         "under 1 s. Misses at that threshold, per held-out engine, are in the JSON. "
         f"Mode `{payload['mode']}`, {payload['seconds']:.0f} s.",
     ]

@@ -147,11 +147,53 @@ def _vocode(args: argparse.Namespace) -> int:
         sources = sources_from_folder(args.input_dir, args.speaker)
     else:
         raise UsageError("give --protocol with --audio-dir, or --input-dir")
+    if args.shard:
+        sources = [s for s in sources if shard_of(s.utt_id, args.shard[1]) == args.shard[0]]
     if args.limit is not None:
         sources = sources[: args.limit]
     protocol = vocode(sources, args.out, args.vocoder, args.sample_rate, args.device,
                       progress=not args.quiet)
     print(f"wrote {protocol} ({len(sources) * len(args.vocoder)} items)", file=sys.stderr)
+    return 0
+
+
+def shard_of(utt_id: str, shards: int) -> int:
+    """A source's shard: the same on every machine, whatever order the sources come in."""
+    import hashlib
+
+    return hashlib.sha256(utt_id.encode()).digest()[0] % shards
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    if not sep or not k.isdigit() or not n.isdigit() or not 0 <= int(k) < int(n):
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {text!r}")
+    return int(k), int(n)
+
+
+def _train_vocoder(args: argparse.Namespace) -> int:
+    from models.vocoders import default_run_dir
+    from models.vocoders.train import VocoderTrainConfig, train_vocoder
+
+    config = VocoderTrainConfig.load(args.config)
+    run_dir = Path(args.out or default_run_dir(config.name))
+    print(train_vocoder(config, run_dir, stop_at=args.steps, threads=args.threads,
+                        output=args.export, export_only=args.export_only))
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.tasks.adapt import adapt_checkpoint
+
+    torch.set_num_threads(args.threads)
+    report = adapt_checkpoint(args.model, args.out, bonafide=args.bonafide, spoof=args.spoof,
+                              target_false_alarms=args.target_false_alarms,
+                              vocoders=args.vocoder or ["hifigan-universal"],
+                              max_vocoded_seconds=args.max_vocoded_seconds)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -206,15 +248,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-dir", help="audio folder of --protocol")
     p.add_argument("--input-dir", help="or: every .wav/.flac under this folder")
     p.add_argument("--speaker", default="-", help="speaker id for --input-dir items")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vocoder", action="append", choices=sorted(_vocoder_names()),
-                   help="repeatable (default hifigan-universal)")
-    p.add_argument("--sample-rate", type=int, default=8000, help="rate of the written files")
+    p.add_argument("--out", required=True, help="output folder (flac/, protocol.txt)")
+    p.add_argument("--vocoder", action="append", metavar="NAME[:PATH]",
+                   help="repeatable (default hifigan-universal). NAME: "
+                   f"{', '.join(_vocoder_names())}. vocos-8k is trained here (python -m models "
+                   "train-vocoder models/configs/vocoder_vocos8k.yaml) and NAME alone uses its "
+                   "shipped checkpoint (models/vocoders/checkpoints/vocos8k.pt, written when "
+                   "the run's steps are done); vocos-8k:PATH uses another one, PATH an exported "
+                   "generator, a training checkpoint or a run folder (e.g. "
+                   "vocos-8k:runs/vocoders/vocos8k, its latest last.pt)")
+    p.add_argument("--sample-rate", type=int, default=8000,
+                   help="rate of the written files; sources at another rate are resampled to it "
+                   "first, and every file is as long as its resampled source")
+    p.add_argument("--shard", type=_shard, metavar="K/N",
+                   help="only the sources of shard K of N (by a hash of the utterance id), so "
+                   "N processes or vocoders can share one list")
     p.add_argument("--limit", type=int, help="only the first N sources")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_vocode, vocoder=None)
+
+    p = sub.add_parser(
+        "train-vocoder", help="train an 8 kHz vocoder on the train bona fide (resumable)",
+        description="Train (or resume) the vocoder of a models/configs/vocoder_*.yaml config "
+        "on the bona fide lines of its train protocols. Every checkpoint_every steps OUT/last.pt "
+        "holds the step, weights, optimiser and RNG state: run the same command again to go "
+        "on from there (same seed and thread count: the same weights as a run never stopped). "
+        "Progress is one JSON line per log_every steps on stderr. When the config's steps are "
+        "done, the generator and its card are exported (the config's output, or --export); "
+        "then `python -m models vocode --vocoder NAME` uses it.")
+    p.add_argument("config")
+    p.add_argument("--out", "--run-dir", dest="out", metavar="DIR",
+                   help="run folder (default runs/vocoders/<config name>)")
+    p.add_argument("--steps", type=int,
+                   help="stop after step N (the schedule still spans the config's steps)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the config's, 1)")
+    p.add_argument("--export", metavar="FILE",
+                   help="exported generator (default: the config's output)")
+    p.add_argument("--export-only", action="store_true",
+                   help="export DIR's latest checkpoint now, without training further")
+    p.set_defaults(func=_train_vocoder)
+
+    p = sub.add_parser(
+        "adapt", help="fit a model to an operator's own genuine recordings (and fraud calls)",
+        description="Vocoded copies of the operator's genuine speech as spoofs, the fusion's "
+        "genuine reference widened with it, and a threshold set for a target false-alarm rate "
+        "on it; 30 %% of the speakers (first sub-folder, else file) are kept apart to check "
+        "the result. Writes a checkpoint the server loads by path, its card saying what it "
+        "was fitted on (models/tasks/adapt.py).")
+    p.add_argument("--model", default="default", help="the model to adapt (name or path)")
+    p.add_argument("--bonafide", required=True,
+                   help="folder of genuine WAV/FLAC recordings, one sub-folder per caller")
+    p.add_argument("--spoof", help="folder of confirmed fraud recordings (optional)")
+    p.add_argument("--out", required=True, help="the adapted checkpoint")
+    p.add_argument("--target-false-alarms", type=float, default=0.01,
+                   help="share of genuine windows flagged at the service threshold")
+    p.add_argument("--vocoder", action="append", choices=sorted(_vocoder_names()),
+                   help="vocoder(s) for the genuine speech's copies (default "
+                   "hifigan-universal; repeatable)")
+    p.add_argument("--max-vocoded-seconds", type=float, default=300.0,
+                   help="seconds of genuine audio copied per vocoder")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_adapt)
 
     p = sub.add_parser("card", help="print a checkpoint's model card as Markdown")
     p.add_argument("--model", default="default")

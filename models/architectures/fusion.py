@@ -41,6 +41,9 @@ from numpy.typing import NDArray
 from models.architectures.scorer import WaveScorer
 
 COMBINES = ("linear", "bona-normal")
+#: scores closer than this many reference spreads tie (far below any score difference that
+#: means something, far above float rounding between CPUs)
+TIE_TOLERANCE = 1e-4
 
 
 def bona_normal(scores: NDArray[np.floating],
@@ -61,10 +64,13 @@ def bona_normal(scores: NDArray[np.floating],
     if n < 2:
         raise ValueError("bona-normal fusion needs at least two reference scores")
     floor = 0.5 / (n + 1)
-    rank = (np.searchsorted(ref, s, side="right") + 0.5) / (n + 1)
-    z = ndtri(np.clip(rank, floor, 1.0 - floor))
     q1, q3 = np.percentile(ref, [25, 75])
     spread = max(float(q3 - q1) / 1.349, 1e-6)
+    # A score within float rounding of a reference score counts as equal to it. The dev bona
+    # fide scores are the reference, so each one ties with itself; another CPU's rounding
+    # (a few 1e-6) put half of them one rank lower, which moved the dev EER by two trials.
+    rank = (np.searchsorted(ref, s + TIE_TOLERANCE * spread, side="right") + 0.5) / (n + 1)
+    z = ndtri(np.clip(rank, floor, 1.0 - floor))
     return np.where(s < ref[0], ndtri(floor) + (s - ref[0]) / spread, z)
 
 

