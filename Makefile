@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
 	bench-diarization train-diarization bench-plugins plugins train-baselines vocode \
-	bench-generalization loso-folds train-gpu train-fusion bench-memory train-rawnet2
+	bench-generalization loso-folds train-gpu train-fusion bench-memory train-rawnet2 docs \
+	console vocode-extra bench-adapt train-vocoder
 CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
 # The default model's fusion recipe (weights per part) and calibration prior (LCNN_FUSION_CARD.md)
@@ -19,7 +20,7 @@ DEFAULT_PRIOR := 0.92
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/install-system.sh
 	bash scripts/install-system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -38,11 +39,17 @@ test: install ## the whole test suite (starts its own redis-server)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
+docs: install ## regenerate docs/reference/cli.md from every program's --help
+	$(PY) scripts/gen_cli_docs.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 run: install ## server with the in-process queue and the default model on 127.0.0.1:50051
 	$(PY) -m server --listen 127.0.0.1:50051 --model default --queue inprocess
+
+console: install ## the fraud-desk console on http://127.0.0.1:8765 watching `make run` (export the same CALLSHIELD_ADMIN_TOKEN for both; CALLSHIELD_CONSOLE_USERS=users file; docs/console.md)
+	$(PY) -m console --server 127.0.0.1:50051
 
 run-redis: install ## a local redis-server, two workers and the server
 	bash scripts/run-redis.sh
@@ -104,8 +111,27 @@ loso-folds: install ## train the neural recipes' leave-one-system-out folds (lon
 	$(PY) -m bench.generalization train-folds --recipe rawnet2-voc --recipe rawnet2 --threads 2
 	$(PY) -m bench.generalization export-folds
 
-bench-generalization: install ## LOSO EER per recipe (reduced, < 20 min) -> bench/results/generalization.*
+bench-generalization: install ## LOSO EER per recipe, new-caller false alarms, vocoder held out (reduced) -> bench/results/{generalization,newcallers,vocoder-held-out}.*
 	$(PY) -m bench.generalization report --mode reduced
+	$(PY) -m bench.newcallers
+	$(PY) -m bench.vocoder_held_out
+
+bench-adapt: install ## the default adapted to the extra bona fide train speakers, before/after -> bench/results/adapt.*
+	$(PY) -m bench.adapt
+
+EXTRA_BONAFIDE := ../shared/extra-bonafide/speech-commands
+VOCODE_EXTRA := $(PY) -m models vocode --protocol $(EXTRA_BONAFIDE)/bonafide.train.txt \
+	--audio-dir $(EXTRA_BONAFIDE)/flac --threads 1 --quiet
+# Each half of the Speech Commands train clips through one HiFi-GAN (one process each, about
+# 1 s per second of audio on one core), then all of them through vocos-8k (minutes); resumable
+vocode-extra: install ## vocoded copies of the extra bona fide train clips -> runs/vocoded/sc-train{,-b,-vocos}
+	$(VOCODE_EXTRA) --shard 0/2 --vocoder hifigan-universal --out runs/vocoded/sc-train & a=$$!; \
+	$(VOCODE_EXTRA) --shard 1/2 --vocoder hifigan-lj --out runs/vocoded/sc-train-b & b=$$!; \
+	wait $$a && wait $$b
+	$(VOCODE_EXTRA) --vocoder vocos-8k --out runs/vocoded/sc-train-vocos
+
+train-vocoder: install ## train the 8 kHz Vocos-style vocoder on the corpus' train bona fide (resumable, 1 thread; exports models/vocoders/checkpoints/vocos8k.pt)
+	$(PY) -m models train-vocoder models/configs/vocoder_vocos8k.yaml
 
 train-gpu: ## on a CUDA machine: vocode, then full-scale rawnet2-voc and rawnet2 LOSO folds ($$OUT)
 	bash scripts/train-gpu.sh
