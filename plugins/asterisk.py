@@ -1,7 +1,7 @@
 """Alerts back into an Asterisk call: channel variables set over AMI.
 
 AudioSocket carries only a UUID, not the channel, so the dialplan publishes the mapping as a
-global variable before starting the fork (see docs/telephony.md)::
+global variable before starting the fork (see docs/platforms/asterisk.md)::
 
     CALLSHIELD_<uuid without dashes> = ${CHANNEL}
 

@@ -2,7 +2,8 @@
 
 The protocol (metadata, audio frames, the in-band alert) is
 :mod:`plugins.protocols.freeswitch`; mod_audio_fork raises the alert frame as a
-``mod_audio_fork::json`` custom event, on which an ESL application acts (docs/telephony.md).
+``mod_audio_fork::json`` custom event, on which an ESL application acts
+(docs/platforms/freeswitch.md).
 """
 
 from __future__ import annotations

@@ -245,3 +245,14 @@ def test_a_padded_lane_is_not_shifted_late_when_its_stream_resumes() -> None:
     out.append(lanes.take(final=True))
     stereo = np.frombuffer(b"".join(out), "<i2").reshape(-1, 2)
     assert int(np.argmax(stereo[:, 1] == 4)) == int(np.argmax(stereo[:, 0] == 5)) == 8800
+
+
+@pytest.mark.parametrize("ports", ["5-2", "40000", "x-y", "70000-70010"])
+def test_a_bad_rtp_port_range_is_a_usage_error(
+        ports: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from plugins.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--siprec", "127.0.0.1:0", "--siprec-rtp-ports", ports])
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err

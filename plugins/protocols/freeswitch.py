@@ -2,11 +2,11 @@
 
 The first frame is text: the JSON metadata given to ``uuid_audio_fork <uuid> start <url>
 <mix-type> <rate> <metadata>``. The module does not announce the format on the wire, so the
-metadata must (see docs/telephony.md): ``uuid`` (or ``callId``), ``sampleRate`` (8000 or 16000,
-or "8k"/"16k") and ``mixType`` (``mono``/``mixed``: one channel; ``stereo``: two, the caller on
-channel 0) or ``channels``. Then binary frames of signed 16-bit little-endian PCM, interleaved
-when stereo. Later text frames are ignored (the modules may send their own). The module ends
-a call by closing the socket: that is the normal hangup.
+metadata must (see docs/platforms/freeswitch.md): ``uuid`` (or ``callId``), ``sampleRate``
+(8000 or 16000, or "8k"/"16k") and ``mixType`` (``mono``/``mixed``: one channel; ``stereo``:
+two, the caller on channel 0) or ``channels``. Then binary frames of signed 16-bit
+little-endian PCM, interleaved when stereo. Later text frames are ignored (the modules may
+send their own). The module ends a call by closing the socket: that is the normal hangup.
 
 Alerts go back in band as a JSON text frame ``{"type": "json", "data": {"type": "spoof_alert",
 ...}}``. The ``type`` is what the modules dispatch on: mod_audio_fork (drachtio's, and
