@@ -125,11 +125,11 @@ async def serve(settings: PluginSettings, detector: DetectorLink, metrics_port: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logs.configure(args.log_level)
     try:
         settings, detector = settings_from(args)
     except ValueError as exc:  # a malformed listener, network or port range: a usage error
         parser().error(str(exc))
+    logs.configure(args.log_level)
     if not any((settings.audiosocket, settings.twilio, settings.freeswitch, settings.audiohook,
                 settings.siprec.listen)):
         parser().error("enable at least one of --audiosocket --twilio --freeswitch --audiohook"
