@@ -24,6 +24,7 @@ of the socket's handler.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import socket
 import time
@@ -600,11 +601,21 @@ class SiprecServer:
         loop = asyncio.get_running_loop()
         self.host = host
         self.ports.host = host
-        self._udp, _ = await loop.create_datagram_endpoint(
-            lambda: _SipUdp(self), local_addr=(host, port))
-        self.port = int(self._udp.get_extra_info("sockname")[1])
-        self._tcp = await asyncio.start_server(self._handle_tcp, host, self.port)
-        return self.port
+        # Port 0: the system picks a free UDP port, and TCP needs the same number, which a
+        # TCP socket may hold already; pick again rather than fail (a fixed port fails at once).
+        for attempt in range(20):
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _SipUdp(self), local_addr=(host, port))
+            self.port = int(self._udp.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._handle_tcp, host, self.port)
+            except OSError as exc:
+                self._udp.close()
+                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+                continue
+            return self.port
+        raise AssertionError("unreachable")
 
     async def stop(self) -> None:
         """Stop listening; end every recording (BYE to the SRC, summary to the webhook)."""
