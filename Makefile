@@ -9,13 +9,16 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: help install protos test lint run run-redis bench bench-models bench-gpu train clean \
 	bench-diarization train-diarization bench-plugins plugins train-baselines vocode \
-	bench-generalization loso-folds train-gpu train-fusion bench-memory train-rawnet2 docs \
-	console vocode-extra bench-adapt train-vocoder
+	bench-generalization loso-folds train-gpu bench-memory train-rawnet2 docs \
+	console vocode-extra bench-adapt train-vocoder bench-console bench-recalibrate
 CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
 # The default model's fusion recipe (weights per part) and calibration prior (LCNN_FUSION_CARD.md)
 DEFAULT_RECIPE := lcnn=0.2+lcnn-s1=0.2+lcnn-voc=0.2+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2
 DEFAULT_PRIOR := 0.92
+# Where `make train` keeps the default's parts before fusing them (`python -m models unfuse`
+# writes them back out of the shipped default)
+PARTS := runs/release
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -65,59 +68,50 @@ vocode: install ## vocoded copies of the training bona fide (HiFi-GAN x2) -> run
 	wait $$a && wait $$b
 	$(VOCODE) --vocoder hifigan-universal --vocoder hifigan-lj --quiet
 
-train: install vocode ## train the default model: two LCNN seeds and an LCNN on vocoded data (resumable; runs/lcnn-tel*) + their fusion with two LFCC+GMMs
+train: install vocode ## train the default model: two LCNN seeds and an LCNN on vocoded data (resumable; runs/lcnn-tel*; parts in runs/release) + their fusion with two LFCC+GMMs
 	$(PY) -m models train models/configs/lcnn_tel.yaml
-	$(PY) -m bench.generalization ship models/checkpoints/lcnn.pt --recipe lcnn \
+	$(PY) -m models ship $(PARTS)/lcnn.pt --recipe lcnn \
 		--fold-scale "12 epochs on every corpus trial per fold"
 	$(PY) -m models train models/configs/lcnn_s1_tel.yaml
-	$(PY) -m bench.generalization ship models/checkpoints/lcnn_s1.pt --recipe lcnn-s1 \
+	$(PY) -m models ship $(PARTS)/lcnn_s1.pt --recipe lcnn-s1 \
 		--fold-scale "12 epochs on every corpus trial per fold"
 	$(PY) -m models train models/configs/lcnn_tel_voc.yaml
-	$(PY) -m bench.generalization ship models/checkpoints/lcnn_voc.pt --recipe lcnn-voc \
+	$(PY) -m models ship $(PARTS)/lcnn_voc.pt --recipe lcnn-voc \
 		--fold-scale "12 epochs on every corpus trial and every vocoded item per fold"
 	$(PY) -m models train models/configs/lfcc_gmm_fine.yaml
-	$(PY) -m bench.generalization fuse-model --out models/checkpoints/lcnn_fusion.pt \
-		--part models/checkpoints/lcnn.pt=lcnn --part models/checkpoints/lcnn_s1.pt=lcnn-s1 \
-		--part models/checkpoints/lcnn_voc.pt=lcnn-voc \
-		--part models/checkpoints/lfcc_gmm_fine.pt=lfcc-gmm-fine \
+	$(PY) -m models fuse --out models/checkpoints/lcnn_fusion.pt \
+		--part $(PARTS)/lcnn.pt=lcnn --part $(PARTS)/lcnn_s1.pt=lcnn-s1 \
+		--part $(PARTS)/lcnn_voc.pt=lcnn-voc \
+		--part $(PARTS)/lfcc_gmm_fine.pt=lfcc-gmm-fine \
 		--part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
 		--weight 0.2 --weight 0.2 --weight 0.2 --weight 0.2 --weight 0.2 \
 		--name lcnn-gmm-fusion --version 5
-	$(PY) -m bench.generalization ship models/checkpoints/lcnn_fusion.pt \
+	$(PY) -m models ship models/checkpoints/lcnn_fusion.pt \
 		--recipe $(DEFAULT_RECIPE) --prior $(DEFAULT_PRIOR) \
 		--fold-scale "LCNN parts: 12 epochs on every corpus trial (lcnn-voc: and every vocoded item) per fold; LFCC+GMM parts: 32 components refitted per fold"
 	{ $(PY) -m models card --model default; cat models/checkpoints/LCNN_FUSION_NOTES.md; } \
 		> models/checkpoints/LCNN_FUSION_CARD.md
-	$(PY) -m models card --model lcnn > models/checkpoints/LCNN_CARD.md
 
 train-rawnet2: install ## the previous default, RawNet2-tel (resumable; runs/rawnet2-tel), and its card
 	$(PY) -m models train models/configs/rawnet2_tel.yaml
 	$(PY) -m models card --model rawnet2-tel > models/checkpoints/RAWNET2_TEL_CARD.md
 
-train-fusion: install vocode ## RawNet2 on vocoded data, fused with LFCC+GMM on LOSO scores (after loso-folds)
-	$(PY) -m models train models/configs/rawnet2_tel_voc.yaml
-	$(PY) -m bench.generalization ship models/checkpoints/rawnet2_voc.pt --recipe rawnet2-voc --prior 0.8
-	$(PY) -m bench.generalization fuse-model --out models/checkpoints/fusion.pt \
-		--part models/checkpoints/rawnet2_voc.pt=rawnet2-voc --part models/checkpoints/lfcc_gmm.pt=lfcc-gmm-dd \
-		--name callshield-fusion --version 3
-	$(PY) -m bench.generalization ship models/checkpoints/fusion.pt --recipe rawnet2-voc+lfcc-gmm-dd \
-		--fold-scale "RawNet2 part: 6 epochs on 1600 corpus trials per fold; LFCC+GMM part: 32 components refitted per fold"
-	$(PY) -m models card --model fusion > models/checkpoints/FUSION_CARD.md
-	$(PY) -m models card --model rawnet2-voc > models/checkpoints/RAWNET2_VOC_CARD.md
-
-loso-folds: install ## train the neural recipes' leave-one-system-out folds (long; resumable)
-	$(PY) -m bench.generalization train-folds --recipe lcnn --recipe lcnn-hr --threads 2
-	$(MAKE) vocode
-	$(PY) -m bench.generalization train-folds --recipe rawnet2-voc --recipe rawnet2 --threads 2
+loso-folds: install vocode ## train the LOSO folds of the default's LCNN parts (long; resumable; other recipes: experiments/README.md)
+	$(PY) -m bench.generalization train-folds --recipe lcnn --recipe lcnn-s1 --recipe lcnn-voc \
+		--threads 2
 	$(PY) -m bench.generalization export-folds
 
-bench-generalization: install ## LOSO EER per recipe, new-caller false alarms, vocoder held out (reduced) -> bench/results/{generalization,newcallers,vocoder-held-out}.*
+bench-generalization: install ## LOSO EER per recipe, new-caller false alarms, vocoder held out, calls (reduced) -> bench/results/{generalization,newcallers,vocoder-held-out,calls}.*
 	$(PY) -m bench.generalization report --mode reduced
 	$(PY) -m bench.newcallers
 	$(PY) -m bench.vocoder_held_out
+	$(PY) -m bench.calls --mode reduced
 
 bench-adapt: install ## the default adapted to the extra bona fide train speakers, before/after -> bench/results/adapt.*
 	$(PY) -m bench.adapt
+
+bench-recalibrate: install ## analyst verdicts -> models calibrate -> ReloadModel: false alarms and spoof calls flagged before/after -> bench/results/recalibrate.*
+	$(PY) -m bench.recalibrate
 
 EXTRA_BONAFIDE := ../shared/extra-bonafide/speech-commands
 VOCODE_EXTRA := $(PY) -m models vocode --protocol $(EXTRA_BONAFIDE)/bonafide.train.txt \
@@ -136,12 +130,11 @@ train-vocoder: install ## train the 8 kHz Vocos-style vocoder on the corpus' tra
 train-gpu: ## on a CUDA machine: vocode, then full-scale rawnet2-voc and rawnet2 LOSO folds ($$OUT)
 	bash scripts/train-gpu.sh
 
-train-baselines: install ## train LFCC+GMM (calibrated on its LOSO scores) and AASIST-L on the same data
+train-baselines: install ## train the LFCC+GMM baseline (lfcc-gmm, a part of the default too), calibrated on its LOSO scores
 	$(PY) -m models train models/configs/lfcc_gmm_dd.yaml
-	$(PY) -m bench.generalization ship models/checkpoints/lfcc_gmm.pt --recipe lfcc-gmm-dd \
+	$(PY) -m models ship models/checkpoints/lfcc_gmm.pt --recipe lfcc-gmm-dd \
 		--fold-scale "32 components, 20000 frames per class, refitted per fold"
 	$(PY) -m models card --model lfcc-gmm > models/checkpoints/LFCC_GMM_CARD.md
-	$(PY) -m models train models/configs/aasist_l_tel.yaml
 
 bench-models: install ## model EER and CPU throughput -> bench/results/models.{json,md}
 	$(PY) -m bench.models
@@ -161,6 +154,9 @@ bench-plugins: install ## plugin latency per 20 ms frame, calls held -> bench/re
 
 bench-memory: install ## server RSS over long calls, abandoned streams, a huge Detect -> bench/results/memory.*
 	$(PY) -m bench.memory
+
+bench-console: install ## 50 live calls through `make run`'s server with the console + chromium watching: event delay server -> browser, server CPU with/without the feed -> bench/results/console.*
+	$(PY) -m bench.console
 
 plugins: install ## the telephony plugins beside a server on 127.0.0.1:50051 (docs/telephony.md)
 	$(PY) -m plugins serve --audiosocket 127.0.0.1:9092 --twilio 127.0.0.1:8080/twilio \

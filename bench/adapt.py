@@ -17,10 +17,7 @@ fold's models) is not measured yet. Writes ``bench/results/adapt.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import os
 import sys
 import tempfile
 import time
@@ -30,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from bench import command, page, write_results
 from models.tasks.config import REPO_ROOT
 
-RESULTS = REPO_ROOT / "bench" / "results"
 EXTRA = REPO_ROOT.parent / "shared" / "extra-bonafide" / "speech-commands"
 
 
@@ -52,10 +49,10 @@ def evaluate(model: str | Path, threads: int) -> dict[str, Any]:
     """False alarms and misses of ``model`` at the service threshold, as the service scores."""
     import torch
 
-    from bench.generalization import corpus_root
     from models.data.asvspoof import ASVspoofSplit, audio_path
     from models.data.audio import load_audio, repeat_pad
     from models.inference import load_detector
+    from models.tasks.recipes import corpus_root
 
     torch.set_num_threads(threads)
     detector = load_detector(model)
@@ -105,21 +102,18 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{pct(before['corpus_dev_spoof_missed'][s])} % | "
                      f"{pct(after['corpus_dev_spoof_missed'][s])} % |")
     fit = payload["adapt"]
-    lines += ["", f"Adapted on the Speech Commands train speakers as the operator's callers "
+    return page(lines, f"Adapted on the Speech Commands train speakers as the operator's callers "
               f"({fit['recordings']['fit_speakers']} fitted, {fit['recordings']['check_speakers']}"
               f" kept apart), target {pct(fit['target_false_alarms'])} % false alarms, copies "
               f"through {', '.join(fit['vocoders'])} ({fit['max_vocoded_seconds']:.0f} s each); "
               f"on the kept-apart callers: {pct(fit['before']['false_alarms_check'])} % -> "
               f"{pct(fit['after']['false_alarms_check'])} % of windows flagged, copies missed "
               f"{pct(fit['before']['miss_copies'])} % -> {pct(fit['after']['miss_copies'])} %. "
-              f"{payload['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
+              f"{payload['seconds']:.0f} s.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
-    parser = argparse.ArgumentParser(prog="python -m bench.adapt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command("python -m bench.adapt", __doc__)
     parser.add_argument("--model", default="default")
     parser.add_argument("--target-false-alarms", type=float, default=0.01)
     parser.add_argument("--max-vocoded-seconds", type=float, default=300.0)
@@ -140,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"adapt": report, "before": evaluate(args.model, args.threads),
                "after": evaluate(args.out, args.threads)}
     payload["seconds"] = round(time.time() - began, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "adapt.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / "adapt.md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results("adapt", payload, markdown(payload))
     return 0
 
 

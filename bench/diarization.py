@@ -10,7 +10,7 @@ own code (``server.lanes``: the windows, speech gate and call times a live strea
 * ``offline``: the offline pipeline as ``Detect`` runs it.
 
 Every scored window gets its spoof probability from the model once; the verdict rules of
-``server.verdicts`` (the default ``evidence`` rule and the earlier ``ema`` rule) are then
+``models.verdicts`` (the default ``evidence`` rule and the earlier ``ema`` rule) are then
 replayed over the same scores, so the rules are compared on identical evidence. Per call and
 pooled: spoofed voice flagged, a bona fide voice flagged, and the alert delay (the alert's
 call time minus the call time the spoofed voice first speaks). Labels of the diarized runs are
@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import page
+
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,9 +52,9 @@ from diarization.evaluate import (  # noqa: E402
     reference,
     shared_calls,
 )
+from models.verdicts import DEFAULT_THRESHOLD, RULES, make_rule  # noqa: E402
 from server.lanes import Lanes  # noqa: E402
 from server.settings import DEFAULT_HOP_SECONDS  # noqa: E402
-from server.verdicts import DEFAULT_THRESHOLD, RULES, make_rule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -114,8 +116,9 @@ def replay(windows: Sequence[dict[str, Any]], rule: str,
 
 
 def run_call(call: Call, detector: Any, models: Any, pipeline: Any) -> dict[str, Any]:
+    from diarization.labels import turns_from_labels
     from diarization.offline import diarize
-    from diarization.stream import StreamConfig, StreamingDiarizer, turns_from_labels
+    from diarization.stream import StreamingDiarizer, StreamingDiarizerConfig
     from server.speakers import DiarizingAttributor, TurnsAttributor
 
     audio = call.load(RATE)
@@ -125,7 +128,7 @@ def run_call(call: Call, detector: Any, models: Any, pipeline: Any) -> dict[str,
     out["oracle"] = {"turns": oracle,
                      "windows": lane_windows(TurnsAttributor(oracle, RATE), audio,
                                              detector.window_seconds)}
-    diarizer = StreamingDiarizer(models, RATE, StreamConfig())
+    diarizer = StreamingDiarizer(models, RATE, StreamingDiarizerConfig())
     live = DiarizingAttributor(diarizer, record=True)
     windows = lane_windows(live, audio, detector.window_seconds)
     labels = np.concatenate(live.labels) if live.labels else np.zeros(0, int)
@@ -196,8 +199,8 @@ def main() -> None:
         runs = json.loads(args.cache.read_text())
         precision = runs.pop("_precision", "unknown")
     else:
+        from diarization.models import DiarizationModels
         from diarization.offline import build_pipeline
-        from diarization.stream import DiarizationModels
         from models.inference import load_detector
 
         detector, models, pipeline = load_detector(args.model), \
@@ -256,7 +259,7 @@ def _flag(o: dict[str, Any]) -> str:
 
 
 def markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    from diarization.stream import StreamConfig
+    from diarization.stream import StreamingDiarizerConfig
 
     d, rtf = summary["der"], summary["rtf_mean"]
     n = len(rows)
@@ -270,7 +273,7 @@ def markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"| offline (Detect) | {d['offline']['collar_0']:.1%} | "
         f"{d['offline']['collar_0.25']:.1%} | {summary['speaker_count_right']['offline']}/{n} "
         f"| {rtf['offline']:.3f} |",
-        f"| streaming ({StreamConfig().step_seconds:g} s step, 5 s buffer) | "
+        f"| streaming ({StreamingDiarizerConfig().step_seconds:g} s step, 5 s buffer) | "
         f"{d['stream']['collar_0']:.1%} | "
         f"{d['stream']['collar_0.25']:.1%} | {summary['speaker_count_right']['stream']}/{n} | "
         f"{rtf['stream']:.3f} |", "",
@@ -295,7 +298,7 @@ def markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {r['call']} | {r['type']} | {r['stream_der_0.25']:.1%} | "
             f"{r['offline_der_0.25']:.1%} | {r['reference_speakers']}/{r['stream_speakers']}/"
             f"{r['offline_speakers']} | " + " | ".join(_flag(r[k]) for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    return page(lines)
 
 
 if __name__ == "__main__":

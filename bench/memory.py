@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import page
+
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 import grpc  # noqa: E402
@@ -33,7 +35,7 @@ import soundfile  # noqa: E402
 
 from callshield.v1 import detection_pb2 as pb  # noqa: E402
 from callshield.v1 import detection_pb2_grpc as pb_grpc  # noqa: E402
-from server.devstack import Stack, noise_pcm  # noqa: E402
+from devstack import Stack, noise_pcm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OWN = [("grpc.use_local_subchannel_pool", 1)]  # a TCP connection of its own per channel
@@ -201,7 +203,7 @@ def markdown(r: dict[str, Any]) -> str:
               f"/{d['stream_beside_p99_ms']} ms beside the Detect, {d['stream_alone_p50_ms']}/"
               f"{d['stream_alone_p99_ms']} ms alone (a diarized window waits for the "
               "diarizer's look-ahead)."]
-    return "\n".join(lines) + "\n"
+    return page(lines)
 
 
 def main() -> None:

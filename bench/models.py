@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     speed: dict[str, Any] = {}
     models: dict[str, tuple[Any, int, int]] = {}
     for name, path in unique_models().items():  # as the service runs them: score_batch
-        if name != "aasist-l" and path.is_file():
+        if path.is_file():
             detector = load_detector(path)
             models[name] = (_scorer(detector), detector.window_samples, detector.sample_rate)
     models |= {

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -42,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from bench import command, page, write_results
 from models.data.asvspoof import ASVspoofSplit, Trial, audio_path
 from models.tasks.config import REPO_ROOT
 
-RESULTS = REPO_ROOT / "bench" / "results"
 CACHE = REPO_ROOT / "runs" / "features"
 EXTRA = REPO_ROOT.parent / "shared" / "extra-bonafide" / "speech-commands"
 #: vocoded copies of the Speech Commands train clips (make vocode-extra: sc-train, sc-train-b,
@@ -140,8 +139,8 @@ def shipped(model: str, clips: list[Clip], threshold: float, threads: int) -> di
 
 
 def _fit_gmm(bona: list[np.ndarray], spoof: list[np.ndarray], options: dict[str, Any]) -> Any:
-    from bench.generalization import GMM_SIZES
     from models.architectures.lfcc_gmm import LFCCGMM, LFCCGMMConfig
+    from models.tasks.recipes import GMM_SIZES
 
     model = LFCCGMM(LFCCGMMConfig(**{"sample_rate": 8000, "n_fft": 256, "seed": 0,
                                      **GMM_SIZES["reduced"], **options}))
@@ -153,8 +152,8 @@ def source_folds(recipe: str, variant: str, clips: list[Clip], root: Path,
                  cache: Path) -> dict[str, dict[str, list]]:
     """Per held-out group (and ``none``, the variant fitted on every source): scores of
     every bona fide dev clip and of every clip of the held-out group. Cached."""
-    from bench.generalization import GMM_RECIPES
     from models.data.audio import load_audio, repeat_pad
+    from models.tasks.recipes import GMM_RECIPES
 
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -248,14 +247,14 @@ def markdown(payload: dict[str, Any]) -> str:
               f"speakers as bona fide, `+sc+voc` with their vocoded copies (and the corpus') as "
               f"spoofs ({payload['vocoded_items']} vocoded items here). Mode `{payload['mode']}`, "
               f"{payload['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
+    return page(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.generalization import corpus_root, recipe_folds
     from models.tasks.loso import spoof_systems
+    from models.tasks.recipes import corpus_root, recipe_folds
 
     torch.set_num_threads(args.threads)
     began = time.time()
@@ -284,17 +283,12 @@ def run(args: argparse.Namespace) -> int:
             payload["source_held_out"][recipe][variant] = held_out_rates(
                 recipe, variant, folds, clips, unit, args.prior, args.threshold)
     payload["seconds"] = round(time.time() - began, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "newcallers.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / "newcallers.md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results("newcallers", payload, markdown(payload))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
-    parser = argparse.ArgumentParser(prog="python -m bench.newcallers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command("python -m bench.newcallers", __doc__)
     parser.add_argument("--model", action="append", default=None,
                         help="shipped model(s) to check as the service runs them "
                         "(default: default)")

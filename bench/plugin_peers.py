@@ -29,15 +29,15 @@ import soundfile
 import websockets
 from aiohttp import web
 
+from devstack import SHARED
 from models.data.audio import alaw_encode, mulaw_encode
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
 from plugins.asterisk import AmiTarget
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
 from plugins.siprec.rtp import build_rtp
 from plugins.siprec.server import SiprecSettings
 from plugins.twilio import TwilioSettings, signature
 from plugins.webhook import WebhookSender
-from server.devstack import SHARED
 
 SHARED_CALLS = SHARED / "calls"
 RATE = 8000

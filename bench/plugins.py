@@ -38,9 +38,9 @@ from bench.plugin_peers import (  # noqa: E402
     twilio_call,
     ws_url,
 )
+from devstack import noise_pcm, serving  # noqa: E402
 from models.inference import load_detector  # noqa: E402
-from plugins.core import forward_metric  # noqa: E402
-from server.devstack import noise_pcm, serving  # noqa: E402
+from plugins.metrics import observe_forward  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLUGINS = ("audiosocket", "twilio", "freeswitch", "audiohook", "siprec")
@@ -55,7 +55,7 @@ class ForwardLatencies:
         self.seconds: list[float] = []
 
     def __call__(self, plugin: str, seconds: float) -> None:
-        forward_metric(plugin, seconds)
+        observe_forward(plugin, seconds)
         self.seconds.append(seconds)
 
 
@@ -87,6 +87,7 @@ async def _level(detector: Any, plugin: str, calls: int, seconds: float) -> dict
 
 async def run(levels: list[int], seconds: float) -> dict[str, Any]:
     detector = load_detector("default")
+    load_before = [round(x, 2) for x in os.getloadavg()]
     rows = []
     for plugin in PLUGINS:
         for calls in levels:
@@ -97,8 +98,11 @@ async def run(levels: list[int], seconds: float) -> dict[str, Any]:
                 break
     held = {p: max([r["calls"] for r in rows if r["plugin"] == p and r["held"]], default=0)
             for p in PLUGINS}
+    # the 1, 5 and 15 minute load averages before and after: other jobs on a shared machine
+    # take CPU from the calls, and a reader must be able to tell
     return {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "platform": platform.platform()},
+                        "platform": platform.platform(), "load_before": load_before,
+                        "load_after": [round(x, 2) for x in os.getloadavg()]},
             "seconds_per_call": seconds, "levels": levels, "rows": rows,
             "calls_held": held}
 
@@ -106,7 +110,13 @@ async def run(levels: list[int], seconds: float) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Plugins: added latency per 20 ms frame and concurrent calls", "",
              f"{result['machine']['cpus']} CPUs, {result['seconds_per_call']} s per call, "
-             "real-time pacing, in-process server with the default model.", "",
+             "real-time pacing, in-process server with the default model.",
+             *([f"Load average (1, 5, 15 min) before: {result['machine']['load_before']}, "
+                f"after: {result['machine']['load_after']}."]
+               if "load_before" in result["machine"] else []),
+             "SIPREC: one recording session (INVITE, two PCMU streams, BYE) per call with the "
+             "shipped limits; a frame is one RTP packet, its latency counted from the arrival "
+             "of the packet that released it.", "",
              "| plugin | calls | frames | p50 ms | p99 ms | errors | held |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -20,17 +20,15 @@ mode. Writes ``bench/results/vocoder-held-out.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench import command, page, write_results
 from bench.newcallers import DEFAULT_PRIOR, bonafide_clips
 from models.tasks.config import REPO_ROOT
 
-RESULTS = REPO_ROOT / "bench" / "results"
 VOCODED = REPO_ROOT / "runs" / "vocoded"
 #: system id -> family
 FAMILIES = {"V01": "hifigan", "V02": "hifigan", "V03": "vocos"}
@@ -51,12 +49,12 @@ def copies_by_family(root: Path = VOCODED) -> dict[str, list[tuple[str, Path]]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.generalization import GMM_RECIPES, corpus_root, recipe_folds
     from bench.newcallers import _fit_gmm
     from models.data.asvspoof import ASVspoofSplit, audio_path
     from models.data.audio import load_audio, repeat_pad
     from models.metrics import compute_eer
     from models.tasks.loso import loso_calibration, spoof_systems
+    from models.tasks.recipes import GMM_RECIPES, corpus_root, recipe_folds
 
     torch.set_num_threads(args.threads)
     began = time.time()
@@ -97,10 +95,7 @@ def run(args: argparse.Namespace) -> int:
     payload = {"threshold": 0.5, "prior": args.prior, "rows": rows, "skipped": skipped,
                "families": {f: len(v) for f, v in families.items()},
                "seconds": round(time.time() - began, 1)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vocoder-held-out.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / "vocoder-held-out.md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results("vocoder-held-out", payload, markdown(payload))
     return 0
 
 
@@ -113,18 +108,14 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{100 * r['missed']:.1f} | {r['trained_on_other_copies']} |")
     if not payload["rows"]:
         lines.append("| (fewer than two vocoder families have copies here) | | | | |")
-    lines += ["", f"Copies per family: {payload['families']}; families without copies: "
+    return page(lines, f"Copies per family: {payload['families']}; families without copies: "
               f"{', '.join(payload['skipped']) or 'none'}. Calibration: the recipe's LOSO "
               f"calibration at bona fide prior {payload['prior']}, anchored on the fold's "
-              f"corpus dev bona fide. {payload['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
+              f"corpus dev bona fide. {payload['seconds']:.0f} s.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
-    parser = argparse.ArgumentParser(prog="python -m bench.vocoder_held_out",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command("python -m bench.vocoder_held_out", __doc__)
     parser.add_argument("--recipe", action="append", default=None)
     parser.add_argument("--prior", type=float, default=DEFAULT_PRIOR)
     parser.add_argument("--threads", type=int, default=2)

@@ -114,14 +114,25 @@ class AsyncDetectionClient(BaseClient):
         return await self._stub.GetModel(pb.GetModelRequest(),
                                          metadata=self.connection.metadata())
 
+    async def reload_model(self, path: str = "", *, admin_token: str | None = None,
+                           ) -> pb.ReloadModelResponse:
+        """Admin: the server loads its model again (see
+        :meth:`client.DetectionClient.reload_model`)."""
+        return await self._stub.ReloadModel(
+            pb.ReloadModelRequest(path=path),
+            metadata=self.connection.admin_metadata(admin_token))
+
     async def watch_calls(
         self, *, admin_token: str | None = None, include_windows: bool = False,
+        flagged_audio_seconds: float = 0.0,
     ) -> AsyncIterator[pb.WatchCallsResponse]:
         """The server's admin feed (see :meth:`client.DetectionClient.watch_calls`);
         leaving the loop cancels the watch. Raises :class:`grpc.aio.AioRpcError` when the
         server refuses it (UNAUTHENTICATED, PERMISSION_DENIED) or goes away (UNAVAILABLE)."""
-        call = self._stub.WatchCalls(pb.WatchCallsRequest(include_windows=include_windows),
-                                     metadata=self.connection.admin_metadata(admin_token))
+        call = self._stub.WatchCalls(
+            pb.WatchCallsRequest(include_windows=include_windows,
+                                 flagged_audio_seconds=flagged_audio_seconds),
+            metadata=self.connection.admin_metadata(admin_token))
         try:
             async for response in call:
                 yield response

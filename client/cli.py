@@ -24,6 +24,15 @@ from client.events import EventFormatter
 from client.sync import DetectionClient, paced
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SPOOF = 0, 1, 2, 3
+MAX_PLATFORM_CHARS = 64  # the server's limit on StreamConfig.platform
+
+
+def _platform(value: str) -> str:
+    """A ``--platform`` name: shown by the console as given, so short and printable."""
+    if len(value) > MAX_PLATFORM_CHARS or not value.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"a platform name is at most {MAX_PLATFORM_CHARS} printable characters")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     pace.add_argument("--fast", dest="realtime", action="store_false",
                       help="send as fast as the server takes it")
     s.add_argument("--call-id", help="call reference (default: random)")
+    s.add_argument("--platform", type=_platform, default="cli",
+                   help="where the call comes from (StreamConfig.platform, e.g. asterisk, "
+                        "twilio): shown with the call by the console (default: cli)")
     s.add_argument("--threshold", type=float, default=0.0, help="alert threshold (0: server's)")
     sub.add_parser("detect", parents=[common], help="score a whole file at once")
     return p
@@ -96,6 +108,7 @@ def _print_summary(summary: dict[str, Any], console: Console) -> None:
 def _stream(args: argparse.Namespace, audio: AudioFile, client: DetectionClient) -> int:
     config = audio.config(split=args.split, call_id=args.call_id,
                           alert_threshold=args.threshold)
+    config.platform = args.platform
     chunks: Iterator[bytes] = audio.chunks()
     if args.realtime:
         chunks = paced(chunks, 0.1)

@@ -83,17 +83,31 @@ class DetectionClient(BaseClient):
     def get_model(self) -> pb.GetModelResponse:
         return self._stub.GetModel(pb.GetModelRequest(), metadata=self.connection.metadata())
 
+    def reload_model(self, path: str = "", *, admin_token: str | None = None,
+                     timeout: float | None = None) -> pb.ReloadModelResponse:
+        """Admin: the server loads its model again, from ``path`` on the server's machine
+        or, empty, from the path it serves, without dropping calls (windows being scored
+        finish on the old model). Needs the server's admin token (``admin_token``, or the
+        client's own token when None). Raises :class:`grpc.RpcError` FAILED_PRECONDITION,
+        the old model still serving, when the file does not load or does not fit."""
+        return self._stub.ReloadModel(  # type: ignore[no-any-return]
+            pb.ReloadModelRequest(path=path),
+            metadata=self.connection.admin_metadata(admin_token), timeout=timeout)
+
     def watch_calls(
         self, *, admin_token: str | None = None, include_windows: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = None, flagged_audio_seconds: float = 0.0,
     ) -> Iterator[pb.WatchCallsResponse]:
         """The server's admin feed: the calls open now (``snapshot``), a ``ready`` marker,
         then every call's open, verdicts, alerts, [windows,] summary and close as they
         happen. Needs the server's admin token (``admin_token``, or the client's own token
         when None). Runs until cancelled (``.cancel()`` on the returned iterator), ``timeout``
-        or a server restart (:class:`grpc.RpcError` UNAVAILABLE: reconnect)."""
+        or a server restart (:class:`grpc.RpcError` UNAVAILABLE: reconnect).
+        ``flagged_audio_seconds`` asks for each alert's audio (``flagged_audio`` events), sent
+        only by a server started with ``--feed-flagged-audio``."""
         return self._stub.WatchCalls(  # type: ignore[no-any-return]
-            pb.WatchCallsRequest(include_windows=include_windows),
+            pb.WatchCallsRequest(include_windows=include_windows,
+                                 flagged_audio_seconds=flagged_audio_seconds),
             metadata=self.connection.admin_metadata(admin_token), timeout=timeout)
 
 

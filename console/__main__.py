@@ -42,6 +42,13 @@ def parser() -> argparse.ArgumentParser:
     env.add("--session-hours", type=float, default=12.0, help="login lifetime")
     env.add("--secure-cookies", action="store_true",
             help="mark cookies Secure (when served over HTTPS behind a proxy)")
+    env.add("--keep-flagged-audio", type=float, default=0.0, metavar="SECONDS",
+            help="keep each alert's audio (its range, at most SECONDS, up to 60) for the "
+                 "analysts to play on the call page; the servers must allow it "
+                 "(--feed-flagged-audio). 0 (default): metadata only, no audio")
+    env.add("--flagged-audio-retention-days", type=float, default=30.0, metavar="DAYS",
+            help="delete kept audio this many days after it was kept (checked at start "
+                 "and hourly)")
     env.add("--log-level", default="info")
     return p
 
@@ -78,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.admin_token:
         p.error("--admin-token (or CALLSHIELD_ADMIN_TOKEN) is required: the server's admin "
                 "feed refuses watchers without it")
+    if not 0 <= args.keep_flagged_audio <= 60:
+        p.error("--keep-flagged-audio must lie in [0, 60] seconds")
+    if args.flagged_audio_retention_days <= 0:
+        p.error("--flagged-audio-retention-days must be positive")
     import uvicorn
 
     from console.app import ConsoleSettings, create_app
@@ -90,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ConsoleSettings(
         db=args.db, servers=args.servers or ["127.0.0.1:50051"], admin_token=args.admin_token,
         users=users, tls=args.tls, root_certificates=args.root_certificates or None,
-        session_hours=args.session_hours, secure_cookies=args.secure_cookies)
+        session_hours=args.session_hours, secure_cookies=args.secure_cookies,
+        keep_flagged_audio=args.keep_flagged_audio,
+        flagged_audio_retention_days=args.flagged_audio_retention_days)
     uvicorn.run(create_app(settings), host=host.strip("[]"), port=int(port),
                 log_level=args.log_level, proxy_headers=False,
                 timeout_graceful_shutdown=SHUTDOWN_SECONDS)

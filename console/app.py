@@ -3,7 +3,8 @@
 Access: every page but the login needs a session (a random cookie; the database keeps only
 its SHA-256); the analyst actions (acknowledge, verdict) need the analyst role; every form
 carries the session's CSRF token, compared in constant time; every analyst action, login and
-export goes to the audit log. Pages escape everything they show (Jinja2 autoescape; the
+export goes to the audit log, and so does every play of flagged audio (analysts only, never
+cached by the browser). Pages escape everything they show (Jinja2 autoescape; the
 JavaScript sets ``textContent`` only), and a strict Content-Security-Policy allows scripts
 and styles from this origin only, so a call id or note carrying HTML stays text.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import (
     HTMLResponse,
@@ -42,18 +44,22 @@ from console.db import (
     AlertRow,
     Audit,
     Call,
+    FlaggedClip,
     LoginSession,
     Score,
     Store,
     Verdict,
     alert_dict,
     call_dict,
+    clip_for,
+    clips_of,
     verdict_dict,
 )
 from console.feed import Broadcaster, FeedThread
 from console.users import User, check_login
 
 HERE = Path(__file__).resolve().parent
+log = structlog.get_logger("callshield.console")
 COOKIE = "callshield_console"
 LOGIN_CSRF_COOKIE = "callshield_login_csrf"
 MAX_NOTE_CHARS = 2000
@@ -76,6 +82,9 @@ class ConsoleSettings:
     session_hours: float = 12.0
     secure_cookies: bool = False  # set when served over HTTPS (behind a TLS proxy)
     retry_seconds: float = 1.0
+    keep_flagged_audio: float = 0.0  # seconds of each alert's audio kept; 0: none
+    flagged_audio_retention_days: float = 30.0
+    purge_every_seconds: float = 3600.0  # the retention purge's schedule (and at start)
 
 
 @dataclass
@@ -127,17 +136,39 @@ def create_app(settings: ConsoleSettings, start_feed: bool = True) -> FastAPI:
     broadcaster = Broadcaster()
     feeds = [FeedThread(store, broadcaster, target, settings.admin_token, tls=settings.tls,
                         root_certificates=settings.root_certificates,
-                        retry_seconds=settings.retry_seconds) for target in settings.servers]
+                        retry_seconds=settings.retry_seconds,
+                        keep_audio_seconds=settings.keep_flagged_audio)
+             for target in settings.servers]
+    retention = settings.flagged_audio_retention_days * 86400
+
+    def purge() -> int:
+        """The retention: flagged audio older than the retention goes (kept or not now:
+        a console restarted without --keep-flagged-audio still deletes what it kept)."""
+        count = store.purge_clips(time.time() - retention)
+        if count:
+            log.info("flagged audio purged", clips=count)
+        return count
+
+    async def purging() -> None:
+        while True:
+            await asyncio.sleep(settings.purge_every_seconds)
+            try:
+                await asyncio.to_thread(purge)
+            except Exception:  # a busy database: the next round retries
+                log.exception("flagged audio purge failed")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         broadcaster.bind(asyncio.get_running_loop())
+        await asyncio.to_thread(purge)  # at start, before anything is served
+        purger = asyncio.create_task(purging())
         if start_feed:
             for feed in feeds:
                 feed.start()
         try:
             yield
         finally:
+            purger.cancel()
             for feed in feeds:
                 feed.stop()
             for q in list(broadcaster.queues):  # end the browsers' streams
@@ -294,12 +325,35 @@ def create_app(settings: ConsoleSettings, start_feed: bool = True) -> FastAPI:
             if call is None:
                 raise HTTPException(404, "no such call")
             data = call_dict(s, call)
-            alerts = [alert_dict(a, call) for a in s.scalars(
-                select(AlertRow).where(AlertRow.call == key).order_by(AlertRow.id))]
+            clips = clips_of(s, key)
+            alerts = []
+            for a in s.scalars(select(AlertRow).where(AlertRow.call == key)
+                               .order_by(AlertRow.id)):
+                row = alert_dict(a, call)
+                clip = clip_for(a, clips)
+                row["clip"] = ({"id": clip.id, "start": round(clip.start, 2),
+                                "end": round(clip.end, 2)} if clip else None)
+                alerts.append(row)
             history = [verdict_dict(v) for v in s.scalars(
                 select(Verdict).where(Verdict.call == key).order_by(Verdict.id.desc()))]
         return page(request, "call.html", auth, call=data, alerts=alerts, history=history,
-                    max_note=MAX_NOTE_CHARS)
+                    max_note=MAX_NOTE_CHARS,
+                    keep_audio=settings.keep_flagged_audio > 0 or any(a["clip"] for a in alerts))
+
+    @app.get("/calls/{key}/audio/{clip_id}.wav")
+    async def flagged_audio(request: Request, key: str, clip_id: int) -> Response:
+        """An alert's kept audio, for the call page's player: analysts only, audit-logged,
+        never cached."""
+        auth = need(request, "analyst")
+        with store.session() as s:
+            clip = s.get(FlaggedClip, clip_id)
+            if clip is None or clip.call != key:
+                raise HTTPException(404, "no such audio (none kept, or purged)")
+            store.audit(s, auth.user.name, "listen", f"{key} {clip.speaker}",
+                        f"{clip.start:.2f}-{clip.end:.2f} s")
+            wav = clip.wav
+        return Response(wav, media_type="audio/wav",
+                        headers={"Cache-Control": "no-store, private"})
 
     @app.get("/api/calls/{key}")
     async def call_json(request: Request, key: str) -> Response:
@@ -315,6 +369,8 @@ def create_app(settings: ConsoleSettings, start_feed: bool = True) -> FastAPI:
                 for r in s.scalars(select(Score).where(Score.call == key).order_by(Score.id))]
             data["alerts"] = [alert_dict(a, call) for a in s.scalars(
                 select(AlertRow).where(AlertRow.call == key).order_by(AlertRow.id))]
+            data["clips"] = [{"id": c.id, "speaker": c.speaker, "start": c.start,
+                              "end": c.end} for c in clips_of(s, key)]
         return JSONResponse(data)
 
     @app.post("/calls/{key}/verdict")

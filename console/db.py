@@ -1,9 +1,13 @@
 """The console's store (SQLAlchemy; SQLite by default, any SQLAlchemy URL for PostgreSQL).
 
-Metadata only: calls, per-speaker states, window scores, alerts, analyst verdicts, the audit
-log and login sessions; never audio, never a caller's number beyond the call id the client
-chose. The feed writes from its own thread and the web app reads and writes from request
-handlers, each with its own short session (SQLite in WAL mode lets them overlap).
+Metadata only by default: calls, per-speaker states, window scores, alerts, analyst verdicts,
+the audit log and login sessions; never a caller's number beyond the call id the client
+chose. Audio only with ``--keep-flagged-audio``: each alert's range (:class:`FlaggedClip`, a
+WAV file in the database, so PostgreSQL and SQLite alike keep it and a retention purge is
+one DELETE), deleted after ``--flagged-audio-retention-days``.
+
+The feed writes from its own thread and the web app reads and writes from request handlers,
+each with its own short session (SQLite in WAL mode lets them overlap).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     select,
 )
@@ -76,28 +82,46 @@ class Speaker(Base):
     speech: Mapped[str] = mapped_column(Text, default="[]")  # JSON [[start, end], ...]
 
 
-class Score(Base):
-    __tablename__ = "scores"
+class _SpeakerSpan:
+    """The columns of a row about one span of one speaker's audio in a call: a window score
+    and an alert are both that (an alert names the window that raised it), so they share
+    one definition and cannot drift apart."""
+
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     call: Mapped[str] = mapped_column(ForeignKey("calls.id"), index=True)
     speaker: Mapped[str] = mapped_column(String(64))
     start: Mapped[float] = mapped_column(Float)
     end: Mapped[float] = mapped_column(Float)
     probability: Mapped[float] = mapped_column(Float)  # the window's
+
+
+class Score(_SpeakerSpan, Base):
+    __tablename__ = "scores"
     running: Mapped[float | None] = mapped_column(Float, nullable=True)  # speaker's verdict
 
 
-class AlertRow(Base):
+class AlertRow(_SpeakerSpan, Base):
     __tablename__ = "alerts"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    call: Mapped[str] = mapped_column(ForeignKey("calls.id"), index=True)
-    speaker: Mapped[str] = mapped_column(String(64))
-    start: Mapped[float] = mapped_column(Float)
-    end: Mapped[float] = mapped_column(Float)
-    probability: Mapped[float] = mapped_column(Float)
     raised_at: Mapped[float] = mapped_column(Float, index=True)
     acknowledged_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     acknowledged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class FlaggedClip(Base):
+    """The audio of one alert's range (the server's ``FlaggedAudio``) as a WAV file, kept for
+    review until the retention purge (``kept_at``)."""
+
+    __tablename__ = "flagged_clips"
+    __table_args__ = (UniqueConstraint("call", "speaker", "alert_start"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    call: Mapped[str] = mapped_column(ForeignKey("calls.id"), index=True)
+    speaker: Mapped[str] = mapped_column(String(64))
+    alert_start: Mapped[float] = mapped_column(Float)  # the alert's range (AlertRow.start)
+    start: Mapped[float] = mapped_column(Float)  # call time the audio covers
+    end: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[int] = mapped_column(Integer)
+    wav: Mapped[bytes] = mapped_column(LargeBinary)
+    kept_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class Verdict(Base):
@@ -184,6 +208,16 @@ class Store:
               detail: str = "") -> None:
         s.add(Audit(at=time.time(), user=user, action=action, target=target, detail=detail))
 
+    def purge_clips(self, kept_before: float) -> int:
+        """Delete the flagged audio kept before ``kept_before`` (epoch seconds): the
+        retention. How many clips went."""
+        with self.session() as s:
+            gone = s.execute(delete(FlaggedClip).where(FlaggedClip.kept_at < kept_before))
+            count = int(getattr(gone, "rowcount", 0) or 0)
+            if count:
+                self.audit(s, "-", "purge_audio", "flagged_clips", f"{count} clips")
+            return count
+
 
 def call_dict(s: Session, call: Call) -> dict[str, Any]:
     """A call as the pages and exports show it, with its speakers and latest verdicts."""
@@ -220,6 +254,17 @@ def latest_verdicts(s: Session, call_id: str) -> dict[str, dict[str, Any]]:
 def verdict_dict(v: Verdict) -> dict[str, Any]:
     return {"id": v.id, "call": v.call, "speaker": v.speaker, "label": v.label,
             "note": v.note, "user": v.user, "created_at": v.created_at}
+
+
+def clips_of(s: Session, call_id: str) -> list[FlaggedClip]:
+    return list(s.scalars(select(FlaggedClip).where(FlaggedClip.call == call_id)
+                          .order_by(FlaggedClip.id)))
+
+
+def clip_for(alert: AlertRow, clips: list[FlaggedClip]) -> FlaggedClip | None:
+    """The alert's audio, if kept (same speaker, same range start)."""
+    return next((c for c in clips if c.speaker == alert.speaker
+                 and abs(c.alert_start - alert.start) < 1e-3), None)
 
 
 def alert_dict(a: AlertRow, call: Call | None = None) -> dict[str, Any]:

@@ -6,14 +6,20 @@ app's event loop), writes each event, and hands a small JSON message per change 
 server goes away the thread says so (``feed`` message, shown on every page), retries with a
 backoff, and on reconnecting marks the calls it knew as open and that the server's snapshot
 lacks as ``lost`` (a server restart ends its calls).
+
+With ``--keep-flagged-audio SECONDS`` the feed asks the server for each alert's audio (the
+server sends it only when its operator started it with ``--feed-flagged-audio``) and keeps it
+as a WAV file; without, it asks for none and drops any that comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
+import wave
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +30,16 @@ from sqlalchemy.orm import Session
 
 from callshield.v1 import detection_pb2 as pb
 from client import DetectionClient
-from console.db import AlertRow, Call, Score, Speaker, Store, alert_dict, call_dict
+from console.db import (
+    AlertRow,
+    Call,
+    FlaggedClip,
+    Score,
+    Speaker,
+    Store,
+    alert_dict,
+    call_dict,
+)
 
 log = structlog.get_logger("callshield.console.feed")
 STATE = {pb.SPEAKER_STATE_SPOOF_SUSPECTED: "spoof", pb.SPEAKER_STATE_LIKELY_BONAFIDE: "bonafide"}
@@ -75,18 +90,31 @@ class FeedState:
     since: float = field(default_factory=time.time)
     error: str = ""
     server_started_at: float = 0.0
+    flagged_audio_seconds: float = 0.0  # what the server may send (its --feed-flagged-audio)
 
     def message(self) -> dict[str, Any]:
         return {"type": "feed", "connected": self.connected, "since": self.since,
-                "error": self.error}
+                "error": self.error, "flagged_audio_seconds": self.flagged_audio_seconds}
+
+
+def wav_bytes(pcm: bytes, sample_rate: int) -> bytes:
+    """Mono 16-bit PCM as a WAV file (what an ``<audio>`` element plays)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm)
+    return out.getvalue()
 
 
 class Ingest:
     """Writes one server's events to the store; returns the browser messages."""
 
-    def __init__(self, store: Store, server: str) -> None:
+    def __init__(self, store: Store, server: str, keep_audio_seconds: float = 0.0) -> None:
         self.store = store
         self.server = server
+        self.keep_audio_seconds = keep_audio_seconds  # 0: no audio is kept
         self.last_score: dict[tuple[str, str], int] = {}  # (call, speaker) -> Score.id
         self.snapshot: set[str] = set()
 
@@ -95,6 +123,8 @@ class Ingest:
 
     def __call__(self, ev: pb.WatchCallsResponse) -> list[dict[str, Any]]:
         kind = ev.WhichOneof("event")
+        if kind == "flagged_audio" and self.keep_audio_seconds <= 0:
+            return []  # never asked for: not kept
         with self.store.session() as s:
             if kind == "ready":
                 return self._ready(s)
@@ -156,6 +186,9 @@ class Ingest:
                 s.add(row)
                 s.flush()
                 messages.append({"type": "alert", "alert": alert_dict(row, call)})
+            elif kind == "flagged_audio":
+                if not self._clip(s, key, ev.flagged_audio):
+                    return []
             elif kind == "summary":
                 self._summary(s, call, ev.summary)
             elif kind == "closed":
@@ -176,6 +209,27 @@ class Ingest:
             s.add(sp)
             s.flush()
         return sp
+
+    def _clip(self, s: Session, key: str, f: pb.FlaggedAudio) -> bool:
+        """Keep an alert's audio (its last ``keep_audio_seconds``) once; False when it is
+        known already (a snapshot replays it) or unusable."""
+        if not 8000 <= f.sample_rate_hz <= 48000 or not f.audio:
+            log.warning("flagged audio refused", server=self.server,
+                        sample_rate=f.sample_rate_hz, size=len(f.audio))
+            return False
+        known = s.scalars(select(FlaggedClip.id).where(
+            FlaggedClip.call == key, FlaggedClip.speaker == f.speaker,
+            FlaggedClip.alert_start == f.alert_start_seconds)).first()
+        if known is not None:
+            return False
+        samples = len(f.audio) // 2
+        keep = min(samples, int(self.keep_audio_seconds * f.sample_rate_hz))
+        pcm = f.audio[(samples - keep) * 2:samples * 2]
+        s.add(FlaggedClip(call=key, speaker=f.speaker, alert_start=f.alert_start_seconds,
+                          start=f.end_seconds - keep / f.sample_rate_hz, end=f.end_seconds,
+                          sample_rate=f.sample_rate_hz, wav=wav_bytes(pcm, f.sample_rate_hz),
+                          kept_at=time.time()))
+        return True
 
     def _summary(self, s: Session, call: Call, summary: pb.StreamSummary) -> None:
         call.has_summary = True
@@ -210,7 +264,7 @@ class FeedThread(threading.Thread):
 
     def __init__(self, store: Store, broadcaster: Broadcaster, target: str, admin_token: str,
                  *, tls: bool = False, root_certificates: str | None = None,
-                 retry_seconds: float = 1.0) -> None:
+                 retry_seconds: float = 1.0, keep_audio_seconds: float = 0.0) -> None:
         super().__init__(name=f"feed-{target}", daemon=True)
         self.store = store
         self.broadcaster = broadcaster
@@ -220,7 +274,8 @@ class FeedThread(threading.Thread):
         self.root_certificates = root_certificates
         self.retry_seconds = retry_seconds
         self.state = FeedState()
-        self.ingest = Ingest(store, target)
+        self.keep_audio_seconds = keep_audio_seconds
+        self.ingest = Ingest(store, target, keep_audio_seconds)
         self._stop = threading.Event()
         self._call: Any = None
 
@@ -232,7 +287,8 @@ class FeedThread(threading.Thread):
     def _set(self, connected: bool, error: str = "") -> None:
         if connected != self.state.connected or error != self.state.error:
             self.state = FeedState(connected, time.time(), error,
-                                   self.state.server_started_at)
+                                   self.state.server_started_at,
+                                   self.state.flagged_audio_seconds)
             log.info("feed", server=self.target, connected=connected, error=error)
             self.broadcaster.publish({"server": self.target, **self.state.message()})
 
@@ -242,10 +298,16 @@ class FeedThread(threading.Thread):
         try:
             while not self._stop.is_set():
                 try:
-                    self._call = client.watch_calls(include_windows=True)
+                    self._call = client.watch_calls(
+                        include_windows=True, flagged_audio_seconds=self.keep_audio_seconds)
                     for ev in self._call:
                         if ev.HasField("ready"):
                             self.state.server_started_at = ev.ready.server_started_at
+                            self.state.flagged_audio_seconds = ev.ready.flagged_audio_seconds
+                            if self.keep_audio_seconds and not ev.ready.flagged_audio_seconds:
+                                log.warning("the server sends no flagged audio: start it "
+                                            "with --feed-flagged-audio SECONDS",
+                                            server=self.target)
                             self._set(True)
                         for message in self.ingest(ev):
                             self.broadcaster.publish(message)

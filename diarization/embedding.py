@@ -63,7 +63,7 @@ class ResemblyzerEmbedding(Model):
 
     def __init__(self, weights: Path | None = None, bf16: bool = False) -> None:
         """``bf16``: run the LSTM and the projection in bfloat16 (the mel features stay
-        float32); see ``diarization.stream.DiarizationModels``."""
+        float32); see ``diarization.models.DiarizationModels``."""
         super().__init__(sample_rate=SAMPLE_RATE, num_channels=1)
         if bf16 and not bf16_lstm_supported():  # at start-up, not at a call's first step
             raise ValueError("this CPU cannot run the speaker embedding LSTM in bfloat16 "

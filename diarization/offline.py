@@ -102,7 +102,7 @@ def diarize(pipeline: Any, audio: np.ndarray, sample_rate: int,
     ``cancel``: checked at every batch of segmentation and embedding inference (pyannote's
     progress hook), so an hour-long recording whose caller is gone stops within one batch
     instead of computing for minutes (:class:`DiarizationCancelled`)."""
-    from diarization.stream import speaker_label
+    from diarization.labels import speaker_label
 
     def hook(*_args: Any, **_kwargs: Any) -> None:
         if cancel is not None and cancel.is_set():

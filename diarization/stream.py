@@ -20,35 +20,33 @@ reliable), so audio reaches the spoof scorer one step plus ``latency`` after it 
 Memory per call is bounded: the buffer, one previous activation matrix and at most
 ``max_speakers`` centroids. CPU per step: one segmentation pass over the buffer (one 5 s
 chunk) plus at most three embeddings over it.
+
+The networks and how a step runs them (incrementally, batched across calls, or on the Redis
+workers) are :mod:`diarization.models`; naming speakers and labelling the output samples by
+call time are :mod:`diarization.labels`.
 """
 
 from __future__ import annotations
 
-import string
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import structlog
-import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from diarization import MODEL_RATE
-from diarization.batching import ConcurrentBatcher
-from diarization.embedding import ResemblyzerEmbedding
-from diarization.paths import SEGMENTATION_CHECKPOINT
+from diarization.labels import Labelled, OutputTimeline, speaker_label, turns_from_labels
+from diarization.models import DiarizationModels, SincCache
 from models.data.audio import StreamResampler
 
 log = structlog.get_logger("callshield.diarization.stream")
 
 
 @dataclass(frozen=True)
-class StreamConfig:
-    """Defaults chosen on ../shared/calls (dev): see diarization/MODEL_CARD.md."""
+class StreamingDiarizerConfig:
+    """The streaming diarizer's settings (not the gRPC API's ``StreamConfig``). Defaults
+    chosen on ../shared/calls (dev): see diarization/MODEL_CARD.md."""
 
     buffer_seconds: float = 5.0
     # 1 s rather than 0.5 s: on the dev calls DER 19.5 % vs 20.3 %, speaker count right 9/10 vs
@@ -70,9 +68,6 @@ class StreamConfig:
     centroid_update_seconds: float = 1.5  # only long clean stretches move a centroid
 
 
-ModelPass = Callable[[list[torch.Tensor]], torch.Tensor]
-"""Inputs of one shape -> a tensor with one leading row per input."""
-
 _RESAMPLER_SLACK = 320  # 20 ms at 16 kHz: more than soxr's HQ filter ever releases at once
 
 
@@ -81,170 +76,6 @@ def most_recent(masks: np.ndarray, frames: int) -> np.ndarray:
     frames kept."""
     from_end = np.cumsum(masks[::-1] > 0, axis=0)[::-1]
     return masks * (from_end <= frames)
-
-
-def speaker_label(index: int) -> str:
-    """A, B, ..., Z, AA, AB, ...: stable, short, and ordered by first speech."""
-    letters = string.ascii_uppercase
-    label = ""
-    index += 1
-    while index:
-        index, r = divmod(index - 1, 26)
-        label = letters[r] + label
-    return label
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): there the
-    diarizer's LSTMs run about 3x faster in bfloat16; elsewhere bfloat16 is emulated and slower."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-class DiarizationModels:
-    """The segmentation model and the embedding model, loaded once and shared by all calls.
-
-    ``precision``: the dtype of the embedding network, GE2E's LSTM (two thirds of the
-    diarizer's CPU in float32; its mel features stay float32). ``auto`` is bfloat16 where the
-    CPU has it in hardware (:func:`native_bf16`): the embeddings of the dev calls' speakers
-    then agree with float32 to a cosine of at least 0.998 (median 0.9999) at about a third of
-    the LSTM's CPU. The segmentation model stays float32: in bfloat16 it labelled 8.6 % of
-    the frames differently, for a sixth of its time.
-    """
-
-    def __init__(self, segmentation: Path = SEGMENTATION_CHECKPOINT,
-                 precision: str = "auto") -> None:
-        from pyannote.audio import Model
-        from pyannote.audio.utils.powerset import Powerset
-
-        seg = Model.from_pretrained(str(segmentation), map_location="cpu")
-        if seg is None:
-            raise FileNotFoundError(f"no segmentation checkpoint at {segmentation}")
-        seg.eval()
-        self.segmentation = seg
-        spec = seg.specifications
-        self.powerset = Powerset(len(spec.classes), spec.powerset_max_classes)
-        self.chunk_seconds = float(spec.duration)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
-        self.precision = "bf16" if self.bf16 else "fp32"
-        self.embedding = ResemblyzerEmbedding(bf16=self.bf16)
-        self.segmentation_path = segmentation
-        self.head_batcher: ModelPass = ConcurrentBatcher(self._heads)
-        self.remote = False
-
-    def passes(self) -> tuple[ModelPass, ModelPass]:
-        """The model passes of a streaming step that can run elsewhere (a Redis worker,
-        ``python -m server.worker``): the segmentation model after its SincNet, over a
-        buffer's features, and GE2E's LSTM over mel partials. Each maps a list of inputs of
-        one shape to one output row per input. What stays with the call: the SincNet (its
-        per-call cache, :class:`SincCache`), the mel features and every decision."""
-        return self._heads, self.embedding._partial_embeddings
-
-    def use(self, segmentation: ModelPass, embedding: ModelPass) -> None:
-        """Run the two :meth:`passes` through these functions (the server's Redis queue:
-        ``server.queue.redis_queue.RedisPass``) instead of in this process."""
-        self.head_batcher = segmentation
-        self.embedding.batcher = embedding
-        self.remote = True
-
-    def to(self, device: torch.device | str) -> DiarizationModels:
-        """The networks of the :meth:`passes` on ``device`` (a worker's GPU)."""
-        self.segmentation.to(device)
-        self.embedding.to(device)
-        return self
-
-    @torch.inference_mode()
-    def segment(self, audio16k: np.ndarray, cache: SincCache | None = None,
-                shift: int = 0) -> np.ndarray:
-        """(samples,) at 16 kHz -> (frames, local speakers) hard activations (0/1).
-
-        ``cache``: the call's :class:`SincCache`, and ``shift`` the samples the buffer moved
-        since the cached pass: only what is new goes through the sinc filters."""
-        x = torch.from_numpy(audio16k)[None, None]
-        if cache is None:
-            probs = self.segmentation(x)
-        else:  # concurrent calls' steps share the head's LSTM pass
-            probs = self.head_batcher([self._sincnet(x, cache, shift)[0]])
-        return self.powerset.to_multilabel(probs)[0].numpy()
-
-    @cached_property
-    def _sinc(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """The sinc filters (fixed once trained), their tap sums, stride and padding."""
-        encoder = self.segmentation.sincnet.conv1d[0]
-        with torch.inference_mode():
-            filters = encoder.get_filters().detach().clone()
-        if getattr(encoder, "padding", 0) or filters.shape[1] != 1:
-            raise ValueError("incremental sinc filtering expects one input channel, no padding")
-        return filters, filters.sum(dim=(1, 2)), int(encoder.stride), filters.shape[-1]
-
-    def _sincnet(self, x: torch.Tensor, cache: SincCache, shift: int) -> torch.Tensor:
-        """``PyanNet.sincnet(x)`` with the first layer's filtering kept in ``cache``."""
-        filters, tap_sums, stride, taps = self._sinc
-        frames = (x.shape[-1] - taps) // stride + 1
-        old = cache.raw
-        if old is not None and shift % stride == 0 and old.shape[-1] == frames \
-                and 0 < shift // stride < frames:
-            kept = old[..., shift // stride :]
-            start = kept.shape[-1] * stride
-            raw = torch.cat((kept, F.conv1d(x[..., start:], filters, stride=stride)), dim=-1)
-        else:
-            raw = F.conv1d(x, filters, stride=stride)
-        cache.raw = raw
-        sincnet = self.segmentation.sincnet
-        norm = sincnet.wav_norm1d  # InstanceNorm1d(1): (x - mean) / sqrt(var + eps) * w + b
-        mean, var = x.mean(), x.var(unbiased=False)
-        scale = norm.weight[0] / torch.sqrt(var + norm.eps) if norm.affine else \
-            1 / torch.sqrt(var + norm.eps)
-        offset = (norm.bias[0] if norm.affine else 0) - scale * mean
-        out = (raw * scale).add_((offset * tap_sums)[None, :, None]).abs_()
-        for c, (pool1d, norm1d) in enumerate(zip(sincnet.pool1d, sincnet.norm1d, strict=True)):
-            if c:
-                out = sincnet.conv1d[c](out)
-            out = F.leaky_relu(norm1d(pool1d(out)))
-        return out
-
-    @torch.inference_mode()
-    def _heads(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """``PyanNet.forward`` after its SincNet (eval mode: dropout is identity) for several
-        buffers' features (feature, frame), all of one length (5 s buffers)."""
-        seg = self.segmentation
-        out = torch.stack(features).transpose(1, 2)  # (batch, frame, feature)
-        if seg.hparams.lstm["monolithic"]:
-            out, _ = seg.lstm(out)
-        else:
-            for lstm in seg.lstm:
-                out, _ = lstm(out)
-        if seg.hparams.linear["num_layers"] > 0:
-            for linear in seg.linear:
-                out = F.leaky_relu(linear(out))
-        return seg.activation(seg.classifier(out))
-
-    @torch.inference_mode()
-    def embed(self, audio16k: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """One embedding per mask column (frames, k) -> (k, 256); NaN rows: too little speech."""
-        x = torch.from_numpy(audio16k)[None, None]
-        return self.embedding(x, weights=torch.from_numpy(masks.T.copy())).numpy()
-
-
-@dataclass
-class SincCache:
-    """One call's SincNet filterbank output over its buffer, kept between steps.
-
-    Why: the segmentation model's first layer, 80 sinc filters of 251 taps at stride 10, was
-    half of a segmentation pass (3.3 of 7.5 ms for a 5 s buffer) although four fifths of the
-    buffer were filtered the step before. The filters are linear and the waveform
-    normalisation before them is affine (an instance norm: one scale and one offset per
-    buffer), so the filters run on the raw samples, only the new ones are filtered each step,
-    and the normalisation is applied to the filter outputs: ``conv(a x + b) = a conv(x) +
-    b sum(taps)``. Equal to the model's own pass up to float rounding (labels identical on
-    99.9 % of the frames of the dev calls, tests/test_diarization.py).
-    """
-
-    raw: torch.Tensor | None = None  # (1, filters, frames) of the unnormalised buffer
 
 
 @dataclass
@@ -269,7 +100,7 @@ class StreamingDiarizer:
 
     models: DiarizationModels
     input_rate: int
-    config: StreamConfig = field(default_factory=StreamConfig)
+    config: StreamingDiarizerConfig = field(default_factory=StreamingDiarizerConfig)
     output_rate: int = 0
 
     def __post_init__(self) -> None:
@@ -279,9 +110,7 @@ class StreamingDiarizer:
         self._buffer = np.zeros(int(c.buffer_seconds * MODEL_RATE), np.float32)
         self._step = int(round(c.step_seconds * MODEL_RATE))
         self._pending16 = np.zeros(0, np.float32)  # 16 kHz audio not yet in the buffer
-        self._pending_out = np.zeros(0, np.float32)  # output-rate audio not yet emitted
-        self._received_out = 0  # output samples received
-        self._emitted_out = 0  # output samples emitted (labelled) so far
+        self._out = OutputTimeline(self.output_rate)  # output-rate audio not yet emitted
         self._buffer_end = 0.0  # call time of the buffer's last sample
         self._last_labels: np.ndarray | None = None
         self._centroids: list[_Centroid] = []
@@ -293,7 +122,7 @@ class StreamingDiarizer:
     # -- public -------------------------------------------------------------------------------
 
     def push(self, heard: np.ndarray,
-             audio: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+             audio: np.ndarray | None = None) -> list[Labelled]:
         """Feed the next stretch of the call: ``heard`` at ``input_rate`` (what is diarized)
         and the same stretch at ``output_rate`` (what is handed back; ``None``: ``heard``,
         when the two rates are one). Returns ``(audio, labels)`` per finished step, ``labels``
@@ -308,8 +137,7 @@ class StreamingDiarizer:
                 raise ValueError(f"audio at {self.output_rate} Hz is needed besides the "
                                  f"{self.input_rate} Hz heard")
             audio = heard
-        self._pending_out = np.concatenate([self._pending_out, np.asarray(audio, np.float32)])
-        self._received_out += audio.shape[0]
+        self._out.add(audio)
         up = self._resampler.push(heard[:, None])[0]
         self._pending16 = np.concatenate([self._pending16, up])
         out = []
@@ -330,7 +158,7 @@ class StreamingDiarizer:
         expected = self._pending16.shape[0] + samples * MODEL_RATE / self.input_rate
         return expected + _RESAMPLER_SLACK >= self._step
 
-    def flush(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def flush(self) -> list[Labelled]:
         """Everything not yet emitted, labelled by a last pass (the end of the call)."""
         n = self._pending16.shape[0]
         labels = self._last_labels
@@ -343,23 +171,11 @@ class StreamingDiarizer:
             labels = np.full(1, -1)
         return self._emit(labels, None)
 
-    def _emit(self, frame_labels: np.ndarray,
-              until: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Output-rate audio from the last emitted sample up to call time ``until`` (``None``:
-        all received), each sample labelled by the buffer frame that covers it."""
-        rate = self.output_rate
-        target = self._received_out if until is None else min(int(until * rate),
-                                                               self._received_out)
-        n = target - self._emitted_out
-        if n <= 0:
-            return []
-        chunk, self._pending_out = self._pending_out[:n], self._pending_out[n:]
-        times = (self._emitted_out + np.arange(n)) / rate
-        buffer_start = self._buffer_end - self.config.buffer_seconds
-        frames = frame_labels.shape[0]
-        idx = ((times - buffer_start) / self.config.buffer_seconds * frames).astype(int)
-        self._emitted_out = target
-        return [(chunk, frame_labels[np.clip(idx, 0, frames - 1)])]
+    def _emit(self, frame_labels: np.ndarray, until: float | None) -> list[Labelled]:
+        """Output-rate audio up to call time ``until`` (``None``: all received), labelled by
+        the current buffer's frames."""
+        return self._out.emit(frame_labels, self._buffer_end, self.config.buffer_seconds,
+                              until)
 
     def _process(self, new_samples: int) -> np.ndarray:
         """Segment the buffer, map local to global speakers: a global label per frame (-1:
@@ -466,13 +282,3 @@ def diarize_stream(diarizer: StreamingDiarizer, audio: np.ndarray,
     per_sample = np.concatenate(labels) if labels else np.zeros(0, int)
     return turns_from_labels(per_sample, rate, diarizer.speakers)
 
-
-def turns_from_labels(labels: np.ndarray, rate: int,
-                      speakers: Sequence[str]) -> list[tuple[float, float, str]]:
-    turns = []
-    change = np.flatnonzero(np.diff(labels)) + 1
-    bounds = np.concatenate([[0], change, [labels.shape[0]]])
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if b > a and labels[a] >= 0:
-            turns.append((a / rate, b / rate, speakers[labels[a]]))
-    return turns

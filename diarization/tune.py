@@ -21,14 +21,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from diarization.evaluate import annotation, der, reference, simulated_calls
+    from diarization.models import DiarizationModels
     from diarization.offline import PARAMS, build_pipeline, diarize
     from diarization.paths import SEGMENTATION_CHECKPOINT
-    from diarization.stream import (
-        DiarizationModels,
-        StreamConfig,
-        StreamingDiarizer,
-        diarize_stream,
-    )
+    from diarization.stream import StreamingDiarizer, StreamingDiarizerConfig, diarize_stream
 
     p = argparse.ArgumentParser(prog="python -m diarization.tune")
     p.add_argument("sim", type=Path)
@@ -43,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     refs = {c.uri: reference(c) for c in calls}
     models = DiarizationModels(args.segmentation)
     for threshold in args.stream:
-        config = replace(StreamConfig(), new_speaker_distance=threshold)
+        config = replace(StreamingDiarizerConfig(), new_speaker_distance=threshold)
         pairs = [(refs[c.uri], annotation(diarize_stream(
             StreamingDiarizer(models, 8000, config), audio[c.uri]))) for c in calls]
         print(f"stream  threshold={threshold:.2f} DER@0.25={der(pairs, 0.25):.4f}", flush=True)

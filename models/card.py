@@ -36,7 +36,8 @@ def render_card(detector: Detector) -> str:
         lines += [f"  - `{recipe}` (checkpoint name `{name}`): weight {weight:.3f}"
                   for (recipe, name), weight in zip(fusion["parts"].items(), fusion["weight"],
                                                     strict=True)]
-        lines.append("- each part's own card: `models/checkpoints/*_CARD.md`")
+        lines.append("- each part's own checkpoint and card: `python -m models unfuse` "
+                     "writes them out of this one")
     else:
         lines.append(f"- training data: `{config.get('data', {}).get('root')}` train split "
                      "(ASVspoof 2019 LA layout, 8 kHz telephone band)")

@@ -24,8 +24,8 @@ class UsageError(ModelError):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.architectures.scorer import scorer_class
     from models.tasks.config import TrainConfig
+    from models.tasks.trainers import train
 
     config = TrainConfig.load(args.config)
     if args.epochs is not None:
@@ -36,9 +36,13 @@ def _train(args: argparse.Namespace) -> int:
         config.output = args.output
     if args.device is not None:
         config.optim.device = args.device
+    if config.output:  # a candidate recipe cannot write into the shipped checkpoints
+        from models.tasks.config import repo_path
+        from models.tasks.release import check_output
+
+        check_output(args.config, repo_path(config.output))
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    scorer = scorer_class(config.architecture)
-    print(scorer.train(config, run_dir, progress=not args.quiet, export_only=args.export_only))
+    print(train(config, run_dir, progress=not args.quiet, export_only=args.export_only))
     return 0
 
 
@@ -197,6 +201,19 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from models.tasks.recalibrate import format_report, recalibrate_checkpoint
+
+    report = recalibrate_checkpoint(
+        args.model, args.out, args.console_db, target_false_alarms=args.target_false_alarms,
+        min_false_alarms=args.min_false_alarms, min_confirmed_fraud=args.min_confirmed_fraud,
+        rule=args.verdict_rule, max_missed_fraud=args.max_missed_fraud)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(f"wrote {args.out}; serve it with --model {args.out}, or load it into a running "
+          "server with SIGHUP (same path) or the ReloadModel admin RPC", file=sys.stderr)
+    return 0
+
+
 def _card(args: argparse.Namespace) -> int:
     from models.card import render_card
     from models.inference import load_detector
@@ -223,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="write 'UTT_ID SCORE' per protocol line")
     p.add_argument("--model", default="default",
-                   help="default, fusion, rawnet2-voc, lfcc-gmm, aasist-l or a path")
+                   help="default (= lcnn-fusion), rawnet2-tel, lfcc-gmm or a checkpoint path")
     p.add_argument("--protocol", required=True)
     p.add_argument("--audio-dir", required=True)
     p.add_argument("--out", required=True)
@@ -312,9 +329,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_adapt)
 
+    p = sub.add_parser(
+        "calibrate", help="recalibrate a model from the console's analyst verdicts",
+        description="Refit the calibration offset, and with it the alert threshold of the "
+        "operator's lines, from the fraud desk's verdicts: the console database's window "
+        "scores of every labelled call are replayed through the server's verdict rule; false "
+        "alarms raise the threshold until at most --target-false-alarms of them would alert, "
+        "confirmed fraud caught now stops it before it would be missed. Refuses below "
+        "--min-false-alarms / --min-confirmed-fraud labels. Prints the false-alarm and miss "
+        "rates before and after on the labels and writes them into the new checkpoint's card "
+        "(models/tasks/recalibrate.py). The output is the operator's model: it may not lie "
+        "in models/checkpoints.")
+    p.add_argument("--console-db", required=True, metavar="URL",
+                   help="the console's database (sqlite:///callshield.db, or a SQLAlchemy URL)")
+    p.add_argument("--out", required=True, metavar="MODEL.pt", help="the operator's checkpoint")
+    p.add_argument("--model", default="default",
+                   help="the model whose calls were labelled (a name, or a path such as a "
+                   "`models adapt` or earlier `calibrate` output)")
+    p.add_argument("--target-false-alarms", type=float, default=0.0,
+                   help="share of the labelled false alarms that may still alert (default 0: "
+                   "none, unless clearing one would miss a confirmed fraud caught now)")
+    p.add_argument("--min-false-alarms", type=int, default=20,
+                   help="refuse with fewer false-alarm verdicts than this")
+    p.add_argument("--min-confirmed-fraud", type=int, default=5,
+                   help="refuse with fewer confirmed-fraud verdicts (0: no fraud check)")
+    p.add_argument("--max-missed-fraud", type=int, default=0,
+                   help="confirmed frauds the model catches now that the new threshold may "
+                   "miss, to reach the false-alarm target (default 0)")
+    p.add_argument("--verdict-rule", choices=["evidence", "ema"], default="evidence",
+                   help="the server's --verdict-rule")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_calibrate)
+
     p = sub.add_parser("card", help="print a checkpoint's model card as Markdown")
     p.add_argument("--model", default="default")
     p.set_defaults(func=_card)
+
+    from models.tasks.release import add_parsers as add_release_parsers
+
+    add_release_parsers(sub)  # ship, fuse, unfuse: the release steps (make train)
     return parser
 
 

@@ -1,26 +1,15 @@
 """Loading a trained detector by name or path and scoring waveforms with it.
 
 This is the one entry point the server, the workers and the CLIs use, so that ``default``
-means the same model everywhere.
-
-A callshield checkpoint is a ``torch.save``d dict (loadable with ``weights_only=True``)::
-
-    {"format": "callshield/1", "architecture": "rawnet2" | "aasist" | "lfcc_gmm" |
-     "whisper_lr" | "fusion",
-     "scorer": "models.architectures.<module>:<Class>",
-     "name": str, "version": str, "sample_rate": int, "window_seconds": float,
-     "model_config": dict, "state_dict": dict, "calibration": {"scale", "bias"}, "card": dict}
-
-``scorer`` names the architecture's scorer class (``models.architectures.scorer``), which
-builds and scores the model; checkpoints older than that key are mapped by ``architecture``.
-Official state_dicts (AASIST ``.pth``, RawNet2 ``.pth`` or ``.pth.xz``) load too, with the
-official 16 kHz configs and no calibration.
+means the same model everywhere. The checkpoint format itself (what a file records, how it is
+read and written) is :mod:`models.checkpoint`; the architectures' scorers are
+:mod:`models.architectures`; this module turns a checkpoint into a calibrated
+:class:`Detector`. Official state_dicts (AASIST ``.pth``, RawNet2 ``.pth`` or ``.pth.xz``)
+load too, with the official 16 kHz configs and no calibration.
 """
 
 from __future__ import annotations
 
-import io
-import lzma
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,30 +18,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.architectures.scorer import Scorer, official_scorer, scorer_class, scorer_path
+from models.architectures.scorer import Scorer, official_scorer, scorer_class
+from models.checkpoint import is_callshield, read_checkpoint
 from models.errors import ModelError
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-FORMAT = "callshield/1"
 NAMED_MODELS = {
     # Three LFCC-LCNNs (one-class softmax; seeds 0 and 1, and one trained with vocoded bona
-    # fide as extra spoofs, the last two loadable by their paths, lcnn_s1.pt and
-    # lcnn_voc.pt) and two LFCC+GMMs (v2 and a finer front end) in a bona-normal fusion,
-    # calibrated on leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO
-    # estimate that holds the throughput target (README, "Unseen engines")
+    # fide as extra spoofs) and two LFCC+GMMs (v2 and a finer front end) in a bona-normal
+    # fusion, calibrated on leave-one-system-out scores (LCNN_FUSION_CARD.md): the best LOSO
+    # estimate that holds the throughput target. The parts are embedded in the one file
+    # (`python -m models unfuse` writes them out), so they do not ship twice.
     "default": CHECKPOINT_DIR / "lcnn_fusion.pt",
     "lcnn-fusion": CHECKPOINT_DIR / "lcnn_fusion.pt",  # the same model by its own name
-    "lcnn": CHECKPOINT_DIR / "lcnn.pt",  # its seed-0 LCNN part alone (LCNN_CARD.md)
     # the previous default: telephone-band RawNet2, best on dev's seen engines, at chance on
     # an unseen neural TTS (RAWNET2_TEL_CARD.md)
     "rawnet2-tel": CHECKPOINT_DIR / "rawnet2_tel.pt",
-    # RawNet2 trained with vocoded bona fide as extra spoofs, fused with LFCC+GMM; weights and
-    # calibration fitted on leave-one-system-out scores (FUSION_CARD.md).
-    "fusion": CHECKPOINT_DIR / "fusion.pt",
-    "rawnet2-voc": CHECKPOINT_DIR / "rawnet2_voc.pt",  # its RawNet2 part (RAWNET2_VOC_CARD.md)
-    # LFCC+GMM v2: deltas only, quiet frames dropped, calibrated on LOSO (LFCC_GMM_CARD.md).
+    # LFCC+GMM v2: deltas only, quiet frames dropped, calibrated on LOSO (LFCC_GMM_CARD.md);
+    # the cheapest model, and a part of the default.
     "lfcc-gmm": CHECKPOINT_DIR / "lfcc_gmm.pt",
-    "aasist-l": CHECKPOINT_DIR / "aasist_l.pt",
+}
+#: names once offered and no longer shipped, with why: asking for one says so and names the
+#: models that are (docs/history.md has what they measured)
+WITHDRAWN_MODELS = {
+    "aasist-l": "a one-epoch placeholder (dev EER 56 %), never trained properly",
+    "lcnn": "a part of the default, which embeds it (python -m models unfuse writes it out)",
+    "fusion": "RawNet2 (vocoded) + LFCC+GMM v3, worse than the default on unseen engines "
+              "(LOSO 19.4 % against 11.8 %) and slower",
+    "rawnet2-voc": "the RawNet2 part of the withdrawn fusion v3",
 }
 
 
@@ -168,38 +161,27 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    if path.suffix == ".xz":
-        return torch.load(io.BytesIO(lzma.open(path).read()), map_location="cpu",
-                          weights_only=True)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def build_model(architecture: str, model_config: dict[str, Any]) -> Any:
-    """An untrained network of a neural ``architecture`` (a name or a scorer path)."""
-    build = getattr(scorer_class(architecture), "build", None)
-    if build is None:
-        raise ValueError(f"{architecture!r} is not a neural architecture")
-    return build(model_config)
-
-
 def load_detector(
     name_or_path: str | Path, device: str = "cpu", half: bool = False
 ) -> Detector:
-    """Load a model of :data:`NAMED_MODELS` (``default``, ``lcnn``, ``lfcc-gmm``, ...) or a
+    """Load a model of :data:`NAMED_MODELS` (``default``, ``rawnet2-tel``, ``lfcc-gmm``) or a
     checkpoint path.
 
     ``half=True`` runs a neural model in float16 (GPU workers); CPU stays float32.
     """
     key = str(name_or_path)
     path = NAMED_MODELS.get(key, Path(key))
+    if key in WITHDRAWN_MODELS and not path.is_file():
+        raise ModelNotFoundError(
+            f"model {key!r} is no longer shipped: {WITHDRAWN_MODELS[key]}; pick one of "
+            f"{', '.join(NAMED_MODELS)} or give a checkpoint path")
     if not path.is_file():
         hint = " (train it with `python -m models train`)" if key in NAMED_MODELS else ""
         raise ModelNotFoundError(f"model {key!r} not found at {path}{hint}")
-    state = _read_state(path)
+    state = read_checkpoint(path)
     torch_device = resolve_device(device)
     dtype = torch.float16 if half and torch_device.type == "cuda" else torch.float32
-    if state.get("format") != FORMAT:
+    if not is_callshield(state):
         scorer = official_scorer(state, torch_device, dtype)
         if scorer is None:
             raise ValueError(
@@ -224,21 +206,3 @@ def detector_from_state(
         scorer=cls.from_checkpoint(state, device, dtype),
         calibration=Calibration(**state.get("calibration", {})), card=state.get("card", {}),
     )
-
-
-def save_checkpoint(path: str | Path, **fields: Any) -> None:
-    """Write a callshield checkpoint (see the module docstring for the fields)."""
-    required = {"architecture", "name", "version", "sample_rate", "window_seconds", "state_dict"}
-    missing = required - set(fields)
-    if missing:
-        raise ValueError(f"checkpoint fields missing: {sorted(missing)}")
-    cls = scorer_class(fields.get("scorer") or fields["architecture"])
-    fields["architecture"], fields["scorer"] = cls.architecture, scorer_path(cls)
-    fields.setdefault("model_config", {})
-    fields.setdefault("calibration", {"scale": 1.0, "bias": 0.0})
-    fields.setdefault("card", {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, **fields}, tmp)
-    tmp.replace(path)

@@ -1,43 +1,29 @@
 """Starting and stopping the plugins: one TCP server for AudioSocket, and one aiohttp server
 per HTTP port for the WebSocket plugins, which share a port by path (``:8080/twilio``,
-``:8080/fork``, ``:8080/audiohook``)."""
+``:8080/fork``, ``:8080/audiohook``); the SIPREC server on its own ports. What to start:
+:class:`plugins.config.PluginSettings`."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
-from plugins.asterisk import AmiTarget
+from plugins.addresses import parse_hostport, parse_listen_path
 from plugins.audiohook import AudioHookServer
-from plugins.audiosocket import DEFAULT_SLIN_TYPES, AudioSocketServer
-from plugins.core import DetectorLink, parse_hostport, parse_listen_path
+from plugins.audiosocket import AudioSocketServer
+from plugins.bridge import DetectorLink
+from plugins.config import PluginSettings
 from plugins.freeswitch import AudioFork
-from plugins.siprec.server import SiprecServer, SiprecSettings
-from plugins.twilio import TwilioMediaStreams, TwilioSettings
+from plugins.siprec.server import SiprecServer
+from plugins.twilio import TwilioMediaStreams
 
 log = structlog.get_logger("callshield.plugins")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class PluginSettings:
-    audiosocket: str = ""  # "host:port"; empty: off
-    twilio: str = ""  # "host:port/path"
-    freeswitch: str = ""
-    audiohook: str = ""
-    asterisk_alerts: AmiTarget | None = None
-    slin_types: Mapping[int, int] = field(default_factory=lambda: dict(DEFAULT_SLIN_TYPES))
-    twilio_settings: TwilioSettings = field(default_factory=TwilioSettings)
-    audiohook_api_key: str = ""
-    audiosocket_allow: tuple[IPv4Network | IPv6Network, ...] = ()  # empty: any source
-    audiohook_client_secret: str = ""  # base64, as Genesys shows it; empty: unsigned allowed
-    siprec: SiprecSettings = field(default_factory=SiprecSettings)  # listen "": off
 
 
 @dataclass

@@ -23,7 +23,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass
 
-from plugins.core import SpoofAlert
+from plugins.delivery import SpoofAlert
 from plugins.errors import PluginError
 
 AMI_TIMEOUT_SECONDS = 5.0

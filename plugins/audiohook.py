@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from plugins import metrics
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
 from plugins.delivery import in_band
 from plugins.httpsig import Verifier
 from plugins.protocols.audiohook import AudioHookProtocol

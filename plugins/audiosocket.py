@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import structlog
 
 from plugins import metrics
+from plugins.addresses import Network, allowed
 from plugins.asterisk import AmiTarget
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
 from plugins.delivery import SpoofAlert
 from plugins.protocols.audiosocket import (
     DEFAULT_SLIN_TYPES,
@@ -28,24 +28,18 @@ from plugins.protocols.audiosocket import (
 from plugins.session import PlatformCall
 from plugins.transports import TcpTransport
 
-__all__ = ["IDLE_SECONDS", "AudioSocketServer", "parse_networks", "parse_slin_types"]
+__all__ = ["IDLE_SECONDS", "AudioSocketServer", "parse_slin_types"]
 
 PLUGIN = AudioSocketProtocol.plugin
 IDLE_SECONDS = 10.0  # Asterisk sends 20 ms frames all call long; silence this long is a fault
 log = structlog.get_logger("callshield.plugins.audiosocket")
 
 
-def parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
-    """``"10.0.0.0/8,192.0.2.7"`` -> networks (a bare address is a /32 or /128)."""
-    return tuple(ip_network(part.strip(), strict=False) for part in value.split(",")
-                 if part.strip())
-
-
 class AudioSocketServer:
     def __init__(
         self, detector: DetectorLink, *, alerts: AmiTarget | None = None,
         slin_types: Mapping[int, int] = DEFAULT_SLIN_TYPES, idle_seconds: float = IDLE_SECONDS,
-        allow: Sequence[IPv4Network | IPv6Network] = (),
+        allow: Sequence[Network] = (),
     ) -> None:
         self.detector = detector
         self.alerts = alerts
@@ -67,13 +61,7 @@ class AudioSocketServer:
         if not self.allow:
             return True
         peer = writer.get_extra_info("peername")
-        try:
-            address = ip_address(peer[0]) if peer else None
-        except ValueError:
-            return False
-        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return address is not None and any(address in net for net in self.allow)
+        return bool(peer) and allowed(self.allow, peer[0])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One Asterisk channel."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
 from plugins.delivery import in_band
 from plugins.protocols.freeswitch import SUBPROTOCOLS, AudioForkProtocol, parse_metadata
 from plugins.session import PlatformCall

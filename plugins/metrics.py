@@ -1,9 +1,14 @@
 """Prometheus metrics of the plugins, labelled by ``plugin`` (audiosocket, twilio, freeswitch,
-audiohook), in the process-wide default registry like the server's (``--metrics-port``)."""
+audiohook, siprec), and their ``/metrics`` endpoint (``--metrics-port``).
+
+They live in the process-wide default registry, which in ``python -m plugins`` holds these
+series and the client library's process collectors only: the plugins import nothing from the
+server, whose module would register its own series (all zero here) in the same registry.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 
@@ -41,3 +46,14 @@ RTP_LOST_SECONDS = Counter(
     "callshield_plugin_rtp_lost_seconds_total",
     "SIPREC audio lost in transit and filled with silence", ["plugin"],
 )
+
+
+def observe_forward(plugin: str, seconds: float) -> None:
+    """A frame's added latency, read off the platform socket -> handed to the gRPC stream."""
+    FORWARD_SECONDS.labels(plugin).observe(seconds)
+
+
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """``/metrics`` on ``host:port`` (loopback unless an operator says otherwise), served by a
+    daemon thread for the life of the process."""
+    start_http_server(port, host)

@@ -3,7 +3,7 @@ error ladder every platform and transport shares.
 
 The transport (:mod:`plugins.transports`) reads; the platform's sans-IO protocol
 (:mod:`plugins.protocols`) says what was read means; :class:`PlatformCall` acts on it: it
-opens the call's detection stream (:class:`plugins.core.CallBridge`), feeds it, writes the
+opens the call's detection stream (:class:`plugins.bridge.CallBridge`), feeds it, writes the
 protocol's replies, finishes the call at a hangup, and ends the connection. Every failure of
 one connection ends in :meth:`PlatformCall.run` (never in the server or another call), as:
 
@@ -30,7 +30,7 @@ from typing import Protocol
 import structlog
 
 from plugins import metrics
-from plugins.core import CallBridge, DetectorGone, DetectorLink
+from plugins.bridge import CallBridge, DetectorGone, DetectorLink
 from plugins.delivery import AlertSink
 from plugins.protocols import events as ev
 from plugins.protocols.base import Cause, Ending, Inbound, PlatformProtocol

@@ -32,7 +32,7 @@ import structlog
 from aiohttp import web
 
 from plugins import metrics
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
 from plugins.delivery import SpoofAlert
 from plugins.protocols.twilio import TwilioProtocol
 from plugins.session import PlatformCall

@@ -32,6 +32,7 @@ from server.config import ServerConfig, listen_address
 from server.queue.base import InferenceQueue
 from server.queue.factory import make_queue
 from server.reflection import enable_server_reflection
+from server.reload import ModelReloader, ReloadRefused
 from server.service import DetectionServicer
 from server.speakers import Diarization, load_diarization
 
@@ -41,6 +42,13 @@ HEALTH_POLL_SECONDS = 1.0
 # summary before whatever remains is cancelled
 DRAIN_SUMMARY_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect takes whole recordings
+# The transport's per-stream read-ahead stays at HTTP/2's 64 KiB: with grpc's BDP probing on
+# (its default) a stream that this server stops reading (a wedged process, a stream held back
+# by max_inflight_per_stream) is still granted 4 MiB, 262 s of 8 kHz audio, which a client
+# cannot tell from audio heard; the telephony plugins' stall bound (plugins/bridge.py) counts
+# on the push-back. Real-time streams need 16-64 KB/s: 64 KiB a round trip serves them.
+GRPC_SERVER_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.http2.bdp_probe", 0))
 log = structlog.get_logger("callshield.app")
 
 
@@ -134,7 +142,7 @@ async def start_server(
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        options=list(GRPC_SERVER_OPTIONS),
     )
     diarization = load_diarization(config.diarization, config.diarization_segmentation,
                                    config.diarization_pipeline, config.diarization_step,
@@ -142,6 +150,7 @@ async def start_server(
                                    config.max_detect_diarizations)
     pass_queues = await _diarization_passes(config, queue, diarization)
     servicer = DetectionServicer(detector, queue, config, diarization)
+    servicer.reloader = ModelReloader(servicer, config.model)  # type: ignore[attr-defined]
     pb_grpc.add_DetectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -189,8 +198,15 @@ async def _diarization_passes(config: ServerConfig, queue: InferenceQueue,
     return queues
 
 
+async def _reload_on_signal(running: RunningServer) -> None:
+    """SIGHUP: reload the serving path; a refusal is logged (reload.py) and changes nothing."""
+    with suppress(ReloadRefused):
+        await running.servicer.reloader.reload()  # type: ignore[attr-defined]
+
+
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGINT or SIGTERM, then drain."""
+    """Run until SIGINT or SIGTERM, then drain; SIGHUP reloads the model from its path
+    without dropping calls (server/reload.py)."""
     set_threads(config.threads)
     if config.metrics_listen or config.metrics_port:
         host, port = metrics.listen_address(config.metrics_listen, config.metrics_port)
@@ -200,6 +216,14 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:  # SIGHUP: the model's path read again (server/reload.py)
+        task = asyncio.create_task(_reload_on_signal(running))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     await stop.wait()
     log.info("draining", open_streams=len(running.servicer.inputs),
              open_calls=running.servicer.admitted, grace_seconds=config.grace_seconds)

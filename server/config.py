@@ -1,97 +1,18 @@
-"""Server configuration, and the one way every callshield program reads its flags from the
-environment (:class:`EnvFlags`), so the same image runs from a shell, systemd or Kubernetes
-without a wrapper script.
+"""Server configuration: its flags, each read from the environment too
+(:class:`callshield.envflags.EnvFlags`, shared by every callshield program).
 
-One naming scheme: flag ``--some-flag`` of a program reads ``CALLSHIELD_<SCOPE>SOME_FLAG``, the
-scope being empty for the server (``CALLSHIELD_LISTEN``), ``WORKER_`` for the Redis worker
-(``CALLSHIELD_WORKER_DEVICE``) and ``PLUGINS_`` for the telephony plugins
-(``CALLSHIELD_PLUGINS_AMI_SECRET``); a flag on the command line wins. Scoped names let one
-environment file serve several programs on one host without a worker taking the server's
-``--device`` or ``--metrics-port``; the settings that must agree with the server's (Redis URL,
-model, batching, log level) fall back from the worker's name to the server's.
+The server's variables are ``CALLSHIELD_<FLAG>`` (no scope); the Redis worker's settings that
+must agree with the server's fall back to these names (``server/worker.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from server.verdicts import DEFAULT_RULE, RULES
-
-PREFIX = "CALLSHIELD_"
-_TRUE = ("1", "true", "yes", "on")
-
-
-@dataclass
-class EnvFlags:
-    """Adds flags to ``parser`` whose defaults come from the environment.
-
-    ``--some-flag`` reads ``{prefix}SOME_FLAG``, then (for a dest in ``shared``)
-    ``CALLSHIELD_SOME_FLAG``, then its old name in ``deprecated`` (dest -> variable), the first
-    one set and not empty; else the default given. Values are parsed by the flag's own ``type``
-    (argparse converts string defaults, so a bad value is a usage error naming the flag),
-    ``store_true`` flags take 1/true/yes/on, ``append`` flags a comma-separated list.
-    """
-
-    parser: argparse.ArgumentParser
-    prefix: str = PREFIX
-    shared: Collection[str] = ()
-    deprecated: Mapping[str, str] = field(default_factory=dict)
-    #: (old variable, its name now) for each deprecated alias that was read
-    deprecated_used: list[tuple[str, str]] = field(default_factory=list)
-
-    def variable(self, dest: str) -> str:
-        return f"{self.prefix}{dest.upper()}"
-
-    def names(self, dest: str) -> list[str]:
-        """The variables ``dest`` reads, first match wins (the deprecated name last)."""
-        names = [self.variable(dest)]
-        if dest in self.shared:
-            names.append(f"{PREFIX}{dest.upper()}")
-        if dest in self.deprecated:
-            names.append(self.deprecated[dest])
-        return names
-
-    def value(self, dest: str) -> str | None:
-        names = self.names(dest)
-        for name in names:
-            raw = os.environ.get(name, "")
-            if raw:
-                if name == self.deprecated.get(dest):
-                    self.deprecated_used.append((name, names[0]))
-                return raw
-        return None
-
-    def _set_name(self, dest: str) -> str:
-        """The variable a value of ``dest`` was read from."""
-        return next(n for n in self.names(dest) if os.environ.get(n, ""))
-
-    def add(self, *flags: str, default: Any = None, help: str | None = None,
-            **kwargs: Any) -> argparse.Action:
-        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
-        raw = self.value(dest)
-        if raw is not None:
-            action = kwargs.get("action")
-            if action == "store_true":
-                default = raw.lower() in _TRUE
-            elif action == "append":
-                default = [item.strip() for item in raw.split(",") if item.strip()]
-            else:
-                default = raw
-            choices = kwargs.get("choices")
-            if choices is not None and action != "append":
-                # argparse checks choices on the command line only, never on a default
-                converted = kwargs["type"](default) if "type" in kwargs else default
-                if converted not in choices:
-                    self.parser.error(f"{self._set_name(dest)}={raw!r}: choose from "
-                                      + ", ".join(map(str, choices)))
-        current = [n for n in self.names(dest) if n != self.deprecated.get(dest)]
-        note = "env " + ", then ".join(current)
-        return self.parser.add_argument(*flags, default=default, **kwargs,
-                                        help=f"{help} ({note})" if help else f"({note})")
+from callshield.envflags import EnvFlags
+from models.verdicts import DEFAULT_RULE, RULES
 
 
 @dataclass(frozen=True)
@@ -106,6 +27,9 @@ class ServerConfig:
     auth_token: str = ""  # empty: no auth
     # The admin feed (WatchCalls, server/events.py) needs this token; empty: feed disabled
     admin_token: str = ""
+    # Seconds of each alert's audio the admin feed may send a watcher that asks (a console
+    # keeping flagged audio for review); 0: the feed never carries audio
+    feed_flagged_audio: float = 0.0
     tls_cert: str = ""
     tls_key: str = ""
     # Calls holding a slot (streams from their first message on, whether or not a config came
@@ -149,7 +73,7 @@ class ServerConfig:
     # local = in this process whatever the queue (the SincNet front end, the mel features and
     # the clustering always run here)
     diarization_queue: str = "auto"
-    verdict_rule: str = DEFAULT_RULE  # server.verdicts: "evidence" (CUSUM) or "ema" (earlier)
+    verdict_rule: str = DEFAULT_RULE  # models.verdicts: "evidence" (CUSUM) or "ema" (earlier)
     # Threads one model computation may use (torch intra-op, BLAS); 0: the libraries' default,
     # one per core. The server's parallelism is across calls (the inference thread, each
     # MIXED call's diarizer step in a worker thread); with two per computation on two cores,
@@ -202,6 +126,10 @@ def parser() -> argparse.ArgumentParser:
     env.add("--admin-token", default=d.admin_token,
             help="token of the admin feed (WatchCalls, for the console); never the stream "
                  "token; empty: the feed is disabled. Prefer the environment variable")
+    env.add("--feed-flagged-audio", type=float, default=d.feed_flagged_audio,
+            metavar="SECONDS",
+            help="let the admin feed send each alert's audio (at most SECONDS, up to 60) to "
+                 "a watcher that asks (console --keep-flagged-audio); 0: never send audio")
     env.add("--tls-cert", default=d.tls_cert)
     env.add("--tls-key", default=d.tls_key)
     env.add("--max-streams", type=int, default=d.max_streams)
@@ -282,6 +210,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_streams_per_peer < 0:
         p.error("--max-streams-per-peer must be 0 (half of --max-streams) or more")
+    if not 0 <= args.feed_flagged_audio <= 60:
+        p.error("--feed-flagged-audio must lie in [0, 60] seconds")
     if args.max_detect_seconds <= 0:
         p.error("--max-detect-seconds must be positive")
     if args.max_detect_diarizations < 1:

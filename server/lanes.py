@@ -11,13 +11,12 @@ verdict rules over recorded scores all cut and decide the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from server.speakers import SpeakerAudio
-from server.verdicts import (
+from models.verdicts import (
     DEFAULT_RULE,
     DEFAULT_THRESHOLD,
     SpeakerRule,
@@ -25,6 +24,7 @@ from server.verdicts import (
     heard_in_order,
     make_rule,
 )
+from server.speakers import SpeakerAudio
 from server.windowing import Window, Windower
 
 FIRST_WINDOW_SECONDS = 1.0
@@ -60,6 +60,9 @@ class Lanes:
         self.rule = rule
         self.lanes: dict[str, Lane] = {}
         self.attributed = 0  # samples of call time handed out so far
+        # listeners that hear each attributed chunk with its call-time start sample before it
+        # is windowed (the admin feed's flagged-audio tap); none on a server without it
+        self.taps: list[Callable[[int, Sequence[SpeakerAudio]], None]] = []
         for speaker in speakers:
             self.lane(speaker)
 
@@ -81,6 +84,8 @@ class Lanes:
     def push(self, parts: Sequence[SpeakerAudio]) -> list[tuple[Lane, Window]]:
         """Windows completed by one attributed chunk: ``parts`` is audio per speaker, all of
         one length (``""``: call time no speaker holds yet)."""
+        for tap in self.taps:
+            tap(self.attributed, parts)
         windows = []
         length = 0
         for speaker, audio, mask in parts:

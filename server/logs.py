@@ -1,4 +1,5 @@
-"""structlog as one JSON object per line on stderr, the shape log shippers expect.
+"""What the server logs about a call: the call id as a keyed hash or cut to safe characters,
+and connection URLs without their passwords (the JSON setup itself: :mod:`callshield.logs`).
 
 Loggers bind call and stream ids; no code path logs audio. A ``call_id`` is the client's own
 reference and may be anything up to 128 characters, a caller's phone number included, so it is
@@ -14,13 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import re
 import secrets
-import sys
 from dataclasses import dataclass, field
 
-import structlog
+from callshield.logs import configure as configure  # re-exported: one log setup
 
 MAX_LOGGED_CALL_ID = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:@+=/#-]")
@@ -66,19 +65,3 @@ def safe_url(url: str) -> str:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
-
-
-def configure(level: str = "info") -> None:
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )

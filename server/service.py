@@ -88,7 +88,8 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
         self._drained: set[asyncio.Task[Any]] = set()
         self.call_id_logging = CallIdLogging.from_flags(config.log_call_ids, config.log_hash_key)
         #: the admin feed (WatchCalls): every call's events, published by _serve
-        self.events = EventBus(f"{detector.name} {detector.version}".strip())
+        self.events = EventBus(f"{detector.name} {detector.version}".strip(),
+                               flagged_audio_seconds=config.feed_flagged_audio)
 
     def end_calls(self) -> None:
         """A drain's grace is over. Every open stream's input ends as if its client had
@@ -322,6 +323,15 @@ class DetectionServicer(pb_grpc.DetectionServiceServicer):
             sample_rate_hz=d.sample_rate, window_seconds=d.window_seconds,
             calibration=pb.Calibration(scale=d.calibration.scale, bias=d.calibration.bias),
         )
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadModelResponse:
+        """Admin: a new model (or the same file again) without dropping calls
+        (server/reload.py), for the admin token only."""
+        from server.reload import reload_rpc
+
+        return await reload_rpc(self, request, context)
 
     async def WatchCalls(
         self, request: pb.WatchCallsRequest, context: grpc.aio.ServicerContext

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from callshield.v1 import detection_pb2 as pb
+from models.verdicts import DEFAULT_RULE, Alert, Verdict
 from server import metrics
 from server.audio import Decoded
 from server.lanes import Lane, Lanes
@@ -26,7 +27,6 @@ from server.logs import CallIdLogging
 from server.queue.base import InferenceQueue, QueueUnavailable, WindowJob, WindowScore
 from server.settings import StreamSettings
 from server.speakers import ChannelAttributor, SpeakerAttributor
-from server.verdicts import DEFAULT_RULE, Alert, Verdict
 from server.windowing import Window
 
 

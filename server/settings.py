@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 
 from callshield.v1 import detection_pb2 as pb
+from models.verdicts import DEFAULT_THRESHOLD
 from server.audio import check_format
 from server.errors import InvalidArgument
-from server.verdicts import DEFAULT_THRESHOLD
 
 MIN_WINDOW_SECONDS, MAX_WINDOW_SECONDS = 0.5, 10.0
 MIN_HOP_SECONDS = 0.25  # smaller hops multiply the load of a stream

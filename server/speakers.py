@@ -287,7 +287,7 @@ class Diarization:
     """Models shared by every MIXED stream of the server, loaded once at start-up, and the
     pool of offline pipelines of ``Detect``."""
 
-    models: Any  # diarization.stream.DiarizationModels
+    models: Any  # diarization.models.DiarizationModels
     model_rate: int
     step_seconds: float = 1.0
     pipeline_source: str = ""  # official pipeline directory for Detect; "" = project's
@@ -300,10 +300,10 @@ class Diarization:
     def stream_attributor(self, client_rate: int) -> DiarizingAttributor:
         """The diarizer hears the client's audio at ``client_rate`` (resampled once, to the
         diarization models' 16 kHz) and labels the model-rate audio that the lanes score."""
-        from diarization.stream import StreamConfig, StreamingDiarizer
+        from diarization.stream import StreamingDiarizer, StreamingDiarizerConfig
 
         return DiarizingAttributor(StreamingDiarizer(
-            self.models, client_rate, StreamConfig(step_seconds=self.step_seconds),
+            self.models, client_rate, StreamingDiarizerConfig(step_seconds=self.step_seconds),
             output_rate=self.model_rate))
 
     async def offline_attributor(self, audio: np.ndarray) -> TurnsAttributor:
@@ -318,7 +318,7 @@ def load_diarization(mode: str, segmentation: str, pipeline: str, step_seconds: 
                      offline_pipelines: int = 2) -> Diarization | None:
     """``mode``: ``off``; ``on`` (fail when the models cannot load); ``auto`` (on when the
     checkpoint and the packages are there, else off with a log line). ``precision``: of the
-    speaker embeddings (``diarization.stream.DiarizationModels``); ``offline_pipelines``:
+    speaker embeddings (``diarization.models.DiarizationModels``); ``offline_pipelines``:
     MIXED ``Detect`` recordings diarized at once (:class:`PipelinePool`)."""
     if mode == "off":
         return None
@@ -328,7 +328,7 @@ def load_diarization(mode: str, segmentation: str, pipeline: str, step_seconds: 
     if mode == "auto" and not (checkpoint.exists() and diarization_available()):
         log.info("diarization off", reason="no checkpoint or packages", checkpoint=str(checkpoint))
         return None
-    from diarization.stream import DiarizationModels
+    from diarization.models import DiarizationModels
 
     models = DiarizationModels(checkpoint, precision=precision)
     log.info("diarization on", segmentation=str(checkpoint), step_seconds=step_seconds,

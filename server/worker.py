@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import structlog
 
+from callshield.envflags import PREFIX, EnvFlags
 from models.inference import load_detector
-from server.config import PREFIX, EnvFlags
 from server.logs import configure, safe_url
 from server.queue.worker import JobHandler, RunPass, ScoreWindows, Worker, WorkerConfig
 
@@ -99,13 +99,25 @@ def diarization_handlers(mode: str, segmentation: str, precision: str,
             for name, run in zip(DIARIZATION_PASSES, models.passes(), strict=True)]
 
 
-async def _amain(config: WorkerConfig, handlers: Sequence[JobHandler]) -> None:
-    """One consumer per stream served; SIGTERM stops them all (each finishes its batch)."""
+async def _amain(config: WorkerConfig, handlers: Sequence[JobHandler],
+                 half: bool = False) -> None:
+    """One consumer per stream served; SIGTERM stops them all (each finishes its batch);
+    SIGHUP reloads the detector from its ``--model`` path (server/reload.py)."""
     workers = [Worker(dataclasses.replace(config, model=config.model if i == 0 else h.name), h)
                for i, h in enumerate(handlers)]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: [w.stop() for w in workers])
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def hangup() -> None:
+        windows = handlers[0]
+        if isinstance(windows, ScoreWindows):
+            task = asyncio.create_task(windows.reload(config.model, half))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     await asyncio.gather(*(w.run() for w in workers))
 
 
@@ -135,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("worker_model_loaded", model=detector.name, version=detector.version,
              device=str(device), redis=safe_url(config.redis_url),
              passes=[h.name for h in handlers[1:]])
-    asyncio.run(_amain(config, handlers))
+    asyncio.run(_amain(config, handlers, half=device.type == "cuda"))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from server import devstack
-from server.devstack import free_port as free_port
-from server.devstack import stop_process as stop_process
+import devstack
+from devstack import free_port as free_port
+from devstack import stop_process as stop_process
 from tests.paths import missing
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ os.environ["PYANNOTE_METRICS_ENABLED"] = "false"
 
 
 def start_redis(port: int = 0) -> tuple[subprocess.Popen[bytes], str]:
-    """A throwaway redis-server (:func:`server.devstack.start_redis`); missing material when
+    """A throwaway redis-server (:func:`devstack.start_redis`); missing material when
     it cannot be had."""
     if devstack.redis_server_binary() is None:
         missing("redis-server is not installed and this user cannot apt-get install it "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from server.devstack import ROOT, SHARED
+from devstack import ROOT, SHARED
 
 REPO = ROOT
 

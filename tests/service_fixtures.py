@@ -20,12 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
+from devstack import SHARED
+from devstack import noise_pcm as noise_pcm
+from devstack import serving as serving
 from models.inference import Detector, load_detector
 from server.app import SERVICE_NAME, RunningServer
 from server.config import DIARIZATION_CLI_DEFAULT
-from server.devstack import SHARED
-from server.devstack import noise_pcm as noise_pcm
-from server.devstack import serving as serving
 from tests.conftest import RedisBackend
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,8 +36,8 @@ from client.audio import file_stream
 from client.sync import paced
 from console.app import ConsoleSettings, create_app
 from console.users import hash_password, load_users
+from devstack import free_port, serving
 from models.inference import Detector
-from server.devstack import free_port, serving
 from tests.paths import missing
 from tests.service_fixtures import EXAMPLES
 from tests.service_fixtures import detector as detector  # noqa: F401 (session fixture)
@@ -58,15 +58,16 @@ class Console:
 
 
 @contextmanager
-def server_thread(detector: Detector, port: int = 0) -> Iterator[str]:  # noqa: F811
+def server_thread(detector: Detector, port: int = 0,  # noqa: F811
+                  **overrides: Any) -> Iterator[str]:
     """A real server on its own event loop in a thread (the browser test blocks this one);
-    its HOST:PORT."""
+    its HOST:PORT. ``overrides``: more ServerConfig fields."""
     box: dict[str, Any] = {}
     ready = threading.Event()
 
     async def main() -> None:
         async with serving(detector, admin_token=ADMIN, auth_token=STREAM,
-                           listen=f"127.0.0.1:{port}") as running:
+                           listen=f"127.0.0.1:{port}", **overrides) as running:
             box["port"], box["loop"], box["stop"] = (
                 running.port, asyncio.get_running_loop(), asyncio.Event())
             ready.set()
@@ -95,13 +96,16 @@ def console(detection_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @contextmanager
-def console_thread(detection_server: str, tmp: Path) -> Iterator[Console]:
-    """The console under uvicorn in a thread, its feed connected to ``detection_server``."""
+def console_thread(detection_server: str, tmp: Path, db: str = "console.db",
+                   **options: Any) -> Iterator[Console]:
+    """The console under uvicorn in a thread, its feed connected to ``detection_server``;
+    ``db``: its SQLite file in ``tmp``, ``options``: more ConsoleSettings fields."""
     users = tmp / "users.txt"
     users.write_text(f"# test users\nana:analyst:{hash_password(PASSWORD)}\n"
                      f"vic:viewer:{hash_password(PASSWORD)}\n")
-    settings = ConsoleSettings(db=f"sqlite:///{tmp / 'console.db'}", servers=[detection_server],
-                               admin_token=ADMIN, users=load_users(users), retry_seconds=0.3)
+    settings = ConsoleSettings(db=f"sqlite:///{tmp / db}", servers=[detection_server],
+                               admin_token=ADMIN, users=load_users(users), retry_seconds=0.3,
+                               **options)
     app = create_app(settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,

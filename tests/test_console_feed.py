@@ -1,5 +1,6 @@
 """The admin event feed (WatchCalls): only the admin token opens it, and it carries every
-call's open, scores, verdicts, alert, summary and close, with a snapshot for late watchers."""
+call's open, scores, verdicts, alert, summary and close, with a snapshot for late watchers;
+the alert's audio only to a watcher that asks, from a server started to allow it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import soundfile
 
 from callshield.v1 import detection_pb2 as pb
 from client import AsyncDetectionClient
 from client.audio import file_stream
+from models.data.audio import resample
 from models.inference import Detector
 from server.app import RunningServer
 from server.config import parse_args
@@ -37,10 +41,12 @@ async def admin_backend_server(
     detector: Detector, backend: RedisBackend | None
 ) -> AsyncIterator[RunningServer]:
     """``admin_server`` on each queue backend: in-process, and Redis with a real worker (the
-    server that holds the stream publishes its events, whoever scores the windows)."""
+    server that holds the stream publishes its events, whoever scores the windows); it
+    allows 5 s of flagged audio."""
     context = (serving(detector, backend.queue(), queue="redis", redis_url=backend.url,
-                       admin_token=ADMIN, auth_token=STREAM) if backend
-               else serving(detector, admin_token=ADMIN, auth_token=STREAM))
+                       admin_token=ADMIN, auth_token=STREAM, feed_flagged_audio=5.0)
+               if backend else serving(detector, admin_token=ADMIN, auth_token=STREAM,
+                                       feed_flagged_audio=5.0))
     async with context as running:
         yield running
 
@@ -79,16 +85,28 @@ async def test_feed_carries_a_spoof_call_from_open_to_close(
         admin_backend_server: RunningServer, tmp_path: Path) -> None:
     target = f"127.0.0.1:{admin_backend_server.port}"
     events: list[pb.WatchCallsResponse] = []
+    plain: list[pb.WatchCallsResponse] = []  # a watcher that asks for no audio
     ready = asyncio.Event()
+    plain_ready = asyncio.Event()
 
     async def watch() -> None:
         async with AsyncDetectionClient(target, token=ADMIN) as client:
-            async for event in client.watch_calls(include_windows=True):
+            async for event in client.watch_calls(include_windows=True,
+                                                  flagged_audio_seconds=3.0):
                 events.append(event)
                 ready.set()
 
+    async def watch_plain() -> None:
+        async with AsyncDetectionClient(target, token=ADMIN) as client:
+            async for event in client.watch_calls():
+                plain.append(event)
+                plain_ready.set()
+
     watcher = asyncio.create_task(watch())
+    plain_watcher = asyncio.create_task(watch_plain())
     await asyncio.wait_for(ready.wait(), 30)
+    await asyncio.wait_for(plain_ready.wait(), 30)
+    assert events[0].ready.flagged_audio_seconds == 5.0
     # the stereo example's first 16 s: party B (machine-made) speaks at 12.6-14.8 s
     with wave.open(str(EXAMPLES / "spoof_call_stereo.wav")) as src, \
             wave.open(str(tmp_path / "call.wav"), "wb") as dst:
@@ -100,8 +118,12 @@ async def test_feed_carries_a_spoof_call_from_open_to_close(
     async with AsyncDetectionClient(target, token=STREAM) as client:
         own = [r async for r in client.stream(sent.config, sent.chunks)]
     await wait_until(lambda: any(e.HasField("closed") for e in events), "the close", 30)
+    await wait_until(lambda: any(e.HasField("closed") for e in plain), "the close", 30)
     watcher.cancel()
+    plain_watcher.cancel()
     call = [e for e in events if e.stream_id]
+    clips = [e.flagged_audio for e in call if e.HasField("flagged_audio")]
+    call = [e for e in call if not e.HasField("flagged_audio")]
     kinds = [e.WhichOneof("event") for e in call]
     assert kinds[0] == "opened" and kinds[-2:] == ["summary", "closed"], kinds
     opened = call[0].opened
@@ -120,6 +142,30 @@ async def test_feed_carries_a_spoof_call_from_open_to_close(
     assert call[-2].summary == summary and call[-1].closed.status == "OK"
     times = [e.server_time for e in call]
     assert times == sorted(times)
+
+    # the alert's audio: its last 3 s (the watcher's cap, under the server's 5 s), party B's
+    # own channel, as the server heard it
+    assert len(clips) == 1 and clips[0].speaker == "B"
+    clip, alert = clips[0], alerts[0]
+    rate = clip.sample_rate_hz
+    assert (clip.alert_start_seconds, clip.alert_end_seconds) == (
+        alert.start_seconds, alert.end_seconds)
+    assert clip.end_seconds == pytest.approx(alert.end_seconds, abs=1 / rate)
+    assert clip.start_seconds == pytest.approx(
+        max(alert.start_seconds, alert.end_seconds - 3.0), abs=1 / rate)
+    got = np.frombuffer(clip.audio, "<i2").astype(np.float32) / 32767
+    assert got.shape[0] == round((clip.end_seconds - clip.start_seconds) * rate)
+    source, source_rate = soundfile.read(tmp_path / "call.wav", dtype="float32",
+                                         always_2d=True)
+    party_b = resample(source[:, 1], source_rate, rate)
+    first = round(clip.start_seconds * rate)
+    heard = party_b[first:first + got.shape[0]]
+    assert np.corrcoef(heard, got)[0, 1] > 0.9  # B's voice, not A's, not silence
+    party_a = resample(source[:, 0], source_rate, rate)[first:first + got.shape[0]]
+    assert abs(np.corrcoef(party_a, got)[0, 1]) < 0.5
+    # a watcher that did not ask gets the same call, and no audio
+    assert any(e.HasField("alert") for e in plain)
+    assert not any(e.HasField("flagged_audio") for e in plain)
 
 
 async def test_a_late_watcher_gets_the_open_calls_first(admin_server: RunningServer) -> None:
@@ -145,7 +191,7 @@ async def test_a_late_watcher_gets_the_open_calls_first(admin_server: RunningSer
                          "a scored window of the open call", 60)
         seen: list[pb.WatchCallsResponse] = []
         async with AsyncDetectionClient(target, token=ADMIN) as admin:
-            async for event in admin.watch_calls():
+            async for event in admin.watch_calls(flagged_audio_seconds=10.0):
                 seen.append(event)
                 if event.HasField("ready"):
                     break
@@ -159,6 +205,8 @@ async def test_a_late_watcher_gets_the_open_calls_first(admin_server: RunningSer
     assert any(e.HasField("verdict") for e in seen[:-1])
     assert seen[-1].ready.open_calls == 1
     assert seen[-1].ready.server_started_at > 0
+    # asked for audio, from a server not started to send any: it says so, sends none
+    assert seen[-1].ready.flagged_audio_seconds == 0
     await wait_until(lambda: not servicer.events.calls, "the call leaves the bus", 30)
     assert not servicer.events.watchers
 

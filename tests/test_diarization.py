@@ -43,7 +43,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 @pytest.fixture(scope="session")
 def diarization_models() -> Any:
-    from diarization.stream import DiarizationModels
+    from diarization.models import DiarizationModels
 
     return DiarizationModels(SEGMENTATION_CHECKPOINT)
 
@@ -75,7 +75,7 @@ def _call(uri: str) -> Call:
 
 
 def test_speaker_labels_run_a_to_z_then_aa() -> None:
-    from diarization.stream import speaker_label
+    from diarization.labels import speaker_label
 
     assert [speaker_label(i) for i in (0, 1, 25, 26, 27)] == ["A", "B", "Z", "AA", "AB"]
 
@@ -348,7 +348,7 @@ def test_speakers_of_concurrent_calls_embedded_as_alone(
 
 
 def test_embedding_precision_follows_the_cpu_unless_told() -> None:
-    from diarization.stream import DiarizationModels, native_bf16
+    from diarization.models import DiarizationModels, native_bf16
 
     models = DiarizationModels(SEGMENTATION_CHECKPOINT, precision="auto")
     assert models.precision == ("bf16" if native_bf16() else "fp32")
@@ -371,7 +371,7 @@ def test_sinc_filters_run_on_new_samples_only_and_label_as_the_model(
     import torch
     import torch.nn.functional as F
 
-    from diarization.stream import SincCache
+    from diarization.models import SincCache
     from models.data.audio import load_audio
 
     audio = load_audio(_call("call_dev_07").audio, 16000)[: 16000 * 30]
@@ -491,7 +491,7 @@ def test_telephone_stream_is_diarized_as_before(telephone_excerpt: dict[str, Any
     """At 8 kHz the client's rate is the model's: the server's seam (decoder mono + model-rate
     channels) labels every sample as the diarizer fed the call alone, the path the quality
     bounds above measure."""
-    from diarization.stream import turns_from_labels
+    from diarization.labels import turns_from_labels
 
     seam = telephone_excerpt
     diarizer = seam["attributor"].diarizer
@@ -670,8 +670,8 @@ async def test_redis_workers_run_the_diarizer_passes(
     scored."""
     import uuid
 
+    from devstack import wait_worker
     from diarization.stream import StreamingDiarizer, diarize_stream
-    from server.devstack import wait_worker
     from server.queue.redis_protocol import DIARIZATION_PASSES
     from server.queue.redis_queue import RedisQueue
     from tests.conftest import start_worker, stop_process

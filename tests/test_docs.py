@@ -281,7 +281,7 @@ def _expand_braces(path: str) -> list[str]:
 
 
 def test_repository_paths_named_in_the_docs_exist() -> None:
-    """A file or folder a page names (`server/verdicts.py`, `bench/results/loso/lcnn-voc/`,
+    """A file or folder a page names (`models/verdicts.py`, `bench/results/loso/lcnn-voc/`,
     `callshield/v1/*_pb2*.py`) exists: moving code or results without the docs fails here."""
     pattern = re.compile(rf"`((?:{'|'.join(_ROOTS)})/[^`\s:]*)")
     missing = []

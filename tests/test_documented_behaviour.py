@@ -174,7 +174,7 @@ def test_plugins_serve_reads_flags_and_environment(monkeypatch: pytest.MonkeyPat
 def test_listeners_bind_loopback_unless_told() -> None:
     """A bare port never exposes a listener to other machines (AudioSocket has no
     authentication; metrics describe calls)."""
-    from plugins.core import parse_hostport, parse_listen_path
+    from plugins.addresses import parse_hostport, parse_listen_path
     from server import metrics
     from server.config import parse_args
 

@@ -1,9 +1,10 @@
 """The ``client`` command's connection and stream flags, each through the real process against
-a real server on 127.0.0.1: ``--token``, ``--tls``, ``--ca-cert``, ``--threshold`` and the
-default real-time pacing. Each check is built so that the flag doing nothing fails it: a
-token that is not sent is refused, a channel without TLS cannot speak to a TLS listener, a
-threshold that does not reach the server leaves the verdicts of the examples as they are,
-and an unpaced stream hands the server all of its windows at once."""
+a real server on 127.0.0.1: ``--token``, ``--tls``, ``--ca-cert``, ``--threshold``,
+``--platform`` and the default real-time pacing. Each check is built so that the flag doing
+nothing fails it: a token that is not sent is refused, a channel without TLS cannot speak to
+a TLS listener, a threshold that does not reach the server leaves the verdicts of the
+examples as they are, an unpaced stream hands the server all of its windows at once, and a
+platform that is not sent is not in the admin feed."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from server.queue.base import WindowJob, WindowScore
 from server.queue.inprocess import InProcessQueue
 from tests.paths import missing
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import EXAMPLES, ROOT, noise_pcm, serving
+from tests.service_fixtures import EXAMPLES, ROOT, noise_pcm, serving, wait_until
 
 
 async def _client(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -103,7 +104,7 @@ def _excerpt(tmp_path: Path, name: str, seconds: float) -> str:
 
 
 async def test_threshold_reaches_the_verdict_rule(detector: Detector, tmp_path: Path) -> None:
-    """The evidence rule (server/verdicts.py) clips one window's spoof log-odds to +-3 and
+    """The evidence rule (models/verdicts.py) clips one window's spoof log-odds to +-3 and
     drifts by the threshold's log-odds: at 0.001 (log-odds -6.9) every window with speech
     adds evidence, so a genuine voice is flagged; at 0.999 (+6.9) none can, so a cloned one
     is not. Those outcomes follow from the rule, not from the model's scores; the default
@@ -166,3 +167,36 @@ async def test_stream_is_paced_in_real_time_by_default(detector: Detector,
         spans[pacing] = queue.arrivals[-1] - queue.arrivals[0]
     assert spans[()] >= (SECONDS - 1) - 1.0, spans
     assert spans[("--fast",)] < spans[()], spans
+
+
+async def test_platform_reaches_the_admin_feed(detector: Detector, tmp_path: Path) -> None:
+    """``--platform`` is the call's StreamConfig.platform: the admin feed (what the console
+    lists) carries it with the call id; without the flag it is ``cli``; a name the server
+    would refuse is a usage error before anything is sent."""
+    from client import AsyncDetectionClient
+
+    wav = str(_wav(tmp_path, 2.0))
+    async with serving(detector, admin_token="admin-1", auth_token="stream-1") as running:
+        target = f"127.0.0.1:{running.port}"
+        opened: dict[str, str] = {}
+        ready = asyncio.Event()
+
+        async def watch() -> None:
+            async with AsyncDetectionClient(target, token="admin-1") as admin:
+                async for event in admin.watch_calls():
+                    ready.set()
+                    if event.HasField("opened"):
+                        opened[event.call_id] = event.opened.platform
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.wait_for(ready.wait(), 30)
+        common = ("stream", wav, "--server", target, "--token", "stream-1", "--fast", "--json")
+        code, _, err = await _client(*common, "--call-id", "p-1", "--platform", "asterisk")
+        assert code in (0, 3), err
+        code, _, err = await _client(*common, "--call-id", "p-2")
+        assert code in (0, 3), err
+        code, _, err = await _client(*common, "--call-id", "p-3", "--platform", "x" * 65)
+        assert code == 2 and "platform" in err
+        await wait_until(lambda: len(opened) == 2, "both calls in the feed", 30)
+        watcher.cancel()
+    assert opened == {"p-1": "asterisk", "p-2": "cli"}

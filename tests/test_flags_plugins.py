@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import urllib.request
 import uuid
@@ -108,4 +109,20 @@ async def test_detector_token_and_metrics_port(detector: Detector, tmp_path: Pat
     assert _sample(text, "callshield_plugin_calls_open", plugin="audiosocket") == 0.0
     assert _sample(text, "callshield_plugin_detector_errors_total",
                    plugin="audiosocket") in (None, 0.0)
+    # and only the plugins' own: the server's series (streams open, windows scored, ...)
+    # would all read zero here and mislead a dashboard scraping both processes
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    ours = {name for name in families if name.startswith("callshield_")}
+    assert ours and all(name.startswith("callshield_plugin_") for name in ours), sorted(ours)
     assert proc.returncode == 0
+
+
+def test_the_plugins_process_imports_nothing_from_the_server() -> None:
+    """What ``python -m plugins`` loads: not the server (its import would register the
+    server's Prometheus series in the plugins' registry, and tie the plugins to its code)."""
+    probe = ("import sys, plugins.__main__; "
+             "print(' '.join(m for m in sys.modules if m.split('.')[0] == 'server'))")
+    found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                           text=True, check=True, timeout=120,
+                           env=os.environ | {"PYANNOTE_METRICS_ENABLED": "false"})
+    assert found.stdout.split() == []

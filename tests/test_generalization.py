@@ -170,7 +170,8 @@ def test_loso_report_pools_folds_and_counts_false_alarms() -> None:
 
 def test_fused_checkpoint_scores_as_its_weighted_parts(tmp_path: Path) -> None:
     from models.architectures.fusion import fusion_state
-    from models.inference import NAMED_MODELS, load_detector, save_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.inference import NAMED_MODELS, load_detector
 
     parts = [torch.load(NAMED_MODELS[name], map_location="cpu", weights_only=True)
              for name in ("rawnet2-tel", "lfcc-gmm")]
@@ -210,14 +211,17 @@ def test_bona_normal_ranks_against_genuine_scores_and_extends_below_them() -> No
 
 def test_bona_normal_fused_checkpoint_scores_as_its_ranked_parts(tmp_path: Path) -> None:
     from models.architectures.fusion import bona_normal, fusion_state
-    from models.inference import NAMED_MODELS, load_detector, save_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.inference import NAMED_MODELS, detector_from_state, load_detector
 
-    names = ("lcnn", "lfcc-gmm")
-    parts = [torch.load(NAMED_MODELS[n], map_location="cpu", weights_only=True) for n in names]
+    # the default's seed-0 LCNN part (it ships embedded only) and the LFCC+GMM baseline
+    default = torch.load(NAMED_MODELS["default"], map_location="cpu", weights_only=True)
+    lcnn = default["state_dict"]["parts"][default["model_config"]["parts"].index("lcnn")]
+    parts = [lcnn, torch.load(NAMED_MODELS["lfcc-gmm"], map_location="cpu", weights_only=True)]
     split = ASVspoofSplit(require(CORPUS), "dev")
     waves = [np.resize(load_audio(split.audio_dir / f"{t.utt_id}.flac", 8000), 32000)
              for t in split.trials()[:4]]
-    singles = [load_detector(n).scores(waves) for n in names]
+    singles = [detector_from_state(lcnn).scores(waves), load_detector("lfcc-gmm").scores(waves)]
     reference = [np.linspace(-5, 5, 50), np.linspace(-1, 1, 30)]
     path = tmp_path / "fused.pt"
     save_checkpoint(path, architecture="fusion", name="f", version="1", sample_rate=8000,
@@ -271,7 +275,7 @@ def test_fused_numpy_parts_score_the_same_in_parallel_as_one_after_another() -> 
 
 
 def test_loso_bona_normal_fusion_ranks_each_fold_against_its_own_bona_fide() -> None:
-    from bench.generalization import fuse_bona_normal, parse_fusion
+    from models.tasks.recipes import fuse_bona_normal, parse_fusion
 
     assert parse_fusion("a+b") == (["a", "b"], None)
     assert parse_fusion("a=0.6+b=0.4") == (["a", "b"], [0.6, 0.4])

@@ -254,9 +254,9 @@ def test_delta_only_recipe_config() -> None:
     gmm = LFCCGMMConfig(**config.model)
     assert gmm.static is False and gmm.vad_db == 30.0 and gmm.feature_dim == 40
     assert config.output == "models/checkpoints/lfcc_gmm.pt"  # the shipped recipe
-    classic = TrainConfig.load(REPO_ROOT / "models" / "configs" / "lfcc_gmm.yaml")
+    classic = TrainConfig.load(REPO_ROOT / "experiments" / "configs" / "lfcc_gmm.yaml")
     assert LFCCGMMConfig(**classic.model).static  # the reference recipe keeps its statics
     assert not str(classic.output).startswith("models/checkpoints")
-    from bench.generalization import GMM_DD  # the LOSO recipe measures this very config
+    from models.tasks.recipes import GMM_DD  # the LOSO recipe measures this very config
 
     assert {k: config.model[k] for k in GMM_DD} == GMM_DD

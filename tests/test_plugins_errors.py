@@ -30,7 +30,7 @@ from bench.plugin_peers import (
     ws_url,
 )
 from plugins.app import RunningPlugins
-from plugins.core import SpoofAlert
+from plugins.delivery import SpoofAlert
 from plugins.webhook import WebhookSender, verify
 from server.app import RunningServer
 from tests.conftest import free_port
@@ -251,10 +251,13 @@ async def test_dropped_detector_closes_every_call_cleanly(detector: Any) -> None
         failed = {e["plugin"]: e["reason"] for e in logs if e["event"] == "detector error"}
         assert failed == dict.fromkeys(["audiosocket", "freeswitch", "audiohook"],
                                        "detector unreachable for 1 s")
-        # a call dropped at its end names what ended it, not the close that followed (the
-        # AudioHook call is aborted after its close; the others end at the platform's hangup)
+        # a call dropped at its end names what ended it, not the close that followed
+        # ("connection closed without a hangup"). The AudioHook call is always aborted after
+        # its close; an AudioSocket or FreeSWITCH call is too when a frame comes in between
+        # the failure and our close of the fork (else it ends at the socket's close)
         aborted = {e["plugin"]: e["reason"] for e in logs if e["event"] == "call aborted"}
-        assert aborted == {"audiohook": "detector unreachable for 1 s"}, aborted
+        assert "audiohook" in aborted, aborted
+        assert set(aborted.values()) == {"detector unreachable for 1 s"}, aborted
         writer.close()
         await fork.close()
         await hook.close()
@@ -302,7 +305,7 @@ async def test_audiosocket_accepts_only_allowed_sources() -> None:
     from ipaddress import ip_network
 
     from plugins.app import PluginSettings, start_plugins
-    from plugins.core import DetectorLink
+    from plugins.bridge import DetectorLink
 
     for allow, accepted in ((ip_network("10.0.0.0/8"),), False), (
             (ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32")), True):

@@ -14,7 +14,8 @@ from models.architectures.lfcc_gmm import LFCCGMMScorer
 from models.architectures.rawnet2 import RawNet2Scorer
 from models.architectures.scorer import ARCHITECTURES, scorer_class
 from models.architectures.whisper import WhisperLRScorer
-from models.inference import CHECKPOINT_DIR, load_detector, save_checkpoint
+from models.checkpoint import save_checkpoint
+from models.inference import CHECKPOINT_DIR, load_detector
 from tests.paths import require
 from tests.test_training import TINY_RAWNET2
 
@@ -43,12 +44,15 @@ def test_shipped_checkpoints_load_with_their_recorded_or_named_scorer() -> None:
     recorded = 0
     for path in sorted(CHECKPOINT_DIR.glob("*.pt")):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        expected = CLASS_OF[state["architecture"]]
-        if "scorer" in state:  # written since the registry: the class's own path
-            assert state["scorer"] == _path_of(expected), path.name
-            recorded += 1
-        assert type(load_detector(path).scorer) is expected, path.name
-    assert recorded >= 2  # lcnn.pt and lcnn_fusion.pt carry the class
+        # a fused checkpoint embeds its parts' whole checkpoints: each records its class too
+        parts = state["state_dict"]["parts"] if state["architecture"] == "fusion" else []
+        for one in (state, *parts):
+            expected = CLASS_OF[one["architecture"]]
+            if "scorer" in one:  # written since the registry: the class's own path
+                assert one["scorer"] == _path_of(expected), (path.name, one["name"])
+                recorded += 1
+        assert type(load_detector(path).scorer) is CLASS_OF[state["architecture"]], path.name
+    assert recorded >= 2  # lcnn_fusion.pt and its LCNN parts carry the class
 
 
 def test_the_recorded_class_wins_and_old_checkpoints_load_by_name(tmp_path: Path) -> None:

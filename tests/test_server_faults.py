@@ -32,10 +32,10 @@ from structlog.testing import capture_logs
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
+from devstack import free_port
 from models.inference import Detector
 from server.app import RunningServer
 from server.config import listen_address, parse_args
-from server.devstack import free_port
 from server.logs import CallIdLogging
 from tests.paths import require
 from tests.service_fixtures import *  # noqa: F403

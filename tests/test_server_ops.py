@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
+from devstack import free_port
 from models.inference import Detector
 from server import metrics
 from server.app import RunningServer
-from server.devstack import free_port
 from server.logs import MAX_LOGGED_CALL_ID, CallIdLogging
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (

@@ -12,6 +12,7 @@ import soxr
 
 from callshield.v1 import detection_pb2 as pb
 from models.data.audio import alaw_encode, mulaw_encode, resample
+from models.verdicts import EmaRule, State
 from server.audio import (
     MAX_CHUNK_BYTES,
     BlockResampler,
@@ -23,7 +24,6 @@ from server.audio import (
 from server.errors import DecodeCancelled, InvalidArgument, InvalidAudio
 from server.lanes import Lanes
 from server.settings import parse_settings
-from server.verdicts import EmaRule, State
 from server.windowing import Windower
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from callshield.v1 import detection_pb2 as pb
 from callshield.v1 import detection_pb2_grpc as pb_grpc
+from devstack import free_port
 from models.inference import Detector
 from server.config import parse_args
-from server.devstack import free_port
 from server.queue.base import WindowJob, WindowScore
 from server.queue.inprocess import InProcessQueue
 from server.session import Session

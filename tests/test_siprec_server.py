@@ -29,13 +29,13 @@ from bench.plugin_peers import (
     siprec_metadata,
     siprec_sdp,
 )
+from devstack import free_port
 from plugins.app import PluginSettings, RunningPlugins, start_plugins
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
 from plugins.siprec.rtp import build_rtp
 from plugins.siprec.server import PortPool, SiprecSettings
 from plugins.webhook import WebhookSender
 from server.app import RunningServer
-from server.devstack import free_port
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import noise_pcm, wait_until
 

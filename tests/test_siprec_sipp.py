@@ -39,12 +39,15 @@ from bench.plugin_peers import (
     spoof_legs,
     write_rtp_pcap,
 )
+from devstack import ROOT, child_env, free_port
+from models.data.audio import resample
 from plugins.app import PluginSettings, start_plugins
-from plugins.core import DetectorLink
+from plugins.bridge import DetectorLink
+from plugins.siprec.codecs import encode_g722
+from plugins.siprec.rtp import build_rtp
 from plugins.siprec.server import SiprecSettings
 from plugins.webhook import WebhookSender, verify
 from server.app import RunningServer
-from server.devstack import ROOT, child_env, free_port
 from tests.paths import missing, require
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import SHARED_CALLS, wait_until
@@ -284,3 +287,109 @@ async def test_sipp_cancel_before_the_answer(tmp_path: Path) -> None:
         await running.stop(0)
     assert run.returncode == 0, run.output
     assert run.responses(487, "INVITE") and run.responses(200, "CANCEL")
+
+
+# --- G.722 beside PCMU, and BroadWorks' dialect -----------------------------------------------
+
+EXAMPLE_STEREO = ROOT / "examples" / "spoof_call_stereo.wav"
+EXAMPLE_TURNS = ((12.3, 15.1), (27.6, 30.0))  # its party B (right) is machine-made here
+BROADWORKS_SESSION = "urn:uuid:5b0d2c8e-7a01-11f0-a6ba-000c29f9c2ab"  # in the scenario
+BROADWORKS_USER = "sip:2025550147@as.example.net"
+BROADWORKS_OTHER = "sip:+15550100@198.51.100.7;user=phone"
+
+
+def example_legs(seconds: float) -> Legs:
+    """examples/spoof_call_stereo.wav cut as :func:`two_speakers` cuts the call it came
+    from: the caller is party B (machine-made) over B's turns, played twice; the agent is
+    party A (human) over the call's first seconds, so both lanes carry speech."""
+    pcm, rate = soundfile.read(EXAMPLE_STEREO, dtype="int16", always_2d=True)
+    parts = [pcm[int(a * rate) : int(b * rate), 1] for a, b in EXAMPLE_TURNS]
+    caller = np.concatenate(parts * 2)[: int(seconds * rate)]
+    start = int(0.5 * rate)
+    return Legs(caller=np.ascontiguousarray(caller),
+                agent=np.ascontiguousarray(pcm[start : start + caller.size, 0]))
+
+
+def g722_packets(pcm: np.ndarray, ssrc: int, seq0: int = 3000, ts0: int = 48000
+                 ) -> list[bytes]:
+    """8 kHz speech sent as a wideband phone sends it: at 16 kHz, G.722 (our encoder),
+    160 bytes per 20 ms packet, the timestamp 160 ticks of the 8 kHz RTP clock apart."""
+    wide = np.clip(np.rint(resample(pcm.astype(np.float32), 8000, 16000)), -32768, 32767)
+    data = encode_g722(wide.astype(np.int16))
+    return [build_rtp(9, seq0 + i, ts0 + 160 * i, ssrc, data[j : j + 160])
+            for i, j in enumerate(range(0, len(data) - 159, 160))]
+
+
+async def test_sipp_g722_beside_pcmu_and_a_broadworks_mixed_recording_at_once(
+        server: RunningServer, webhook: FakeHttp, tmp_path: Path) -> None:
+    """Two SRCs at once against ``python -m plugins serve --siprec``: CUBE recording a
+    G.711 caller (PCMU, the machine-made voice) and an agent on a wideband phone (G.722, a
+    person) as two streams, and BroadWorks recording its user's call half as one mixed PCMA
+    stream with its ``recording_metadata``.
+
+    The G.722 lane must come out as the person's speech: decoded right, the summary finds
+    6.4 s of speech in its 8 s (the agent talks from 0.4 s on); with a broken decoder (its
+    ADPCM state lost at each packet: the unit test's worst case) only 2.9 s, so the bound is
+    5 s. The BroadWorks participants and caller reach the webhook."""
+    seconds = 8.0
+    legs = example_legs(seconds)
+    g722_dir, bw_dir = tmp_path / "g722", tmp_path / "broadworks"
+    g722_dir.mkdir()
+    bw_dir.mkdir()
+    write_rtp_pcap(g722_dir / "streams.pcap", [g722_packets(legs.agent, 0x0A6E0722),
+                                               rtp_packets(legs.caller, ssrc=0xCA11E001)],
+                   [30000, 30002])
+    mixed = np.clip(legs.caller.astype(np.int32) + legs.agent, -32768, 32767).astype(np.int16)
+    write_rtp_pcap(bw_dir / "streams.pcap", [rtp_packets(mixed, ssrc=0xB3, payload_type=8)],
+                   [30000])
+    plugin = await start_cli(server.port, f"{webhook.url}/hook")
+    target = ("127.0.0.1", plugin.sip_port)
+    pause = {"pause_ms": str(int(seconds * 1000) + 400)}
+    try:
+        g722, broadworks = await asyncio.gather(
+            run_sipp("siprec_call_g722", target, g722_dir, variables=pause),
+            run_sipp("siprec_call_broadworks", target, bw_dir, variables=pause))
+        assert g722.returncode == 0, g722.output
+        assert broadworks.returncode == 0, broadworks.output
+        await wait_until(lambda: sum(e["type"] == "call_summary"
+                                     for e in webhook_events(webhook)) == 2,
+                         "both summaries at the webhook", within=30)
+    finally:
+        await plugin.stop()
+    # the answers: each codec kept where it was offered
+    assert [(d, f) for _p, d, f in answered_mlines(g722)] == [("recvonly 2", "9"),
+                                                              ("recvonly 1", "0")]
+    assert [(d, f) for _p, d, f in answered_mlines(broadworks)] == [("recvonly 1", "8")]
+    answered = {tuple(e["codecs"]): e for e in plugin.named("recording answered")}
+    assert set(answered) == {("G722", "PCMU"), ("PCMA",)}
+    assert answered[("G722", "PCMU")]["metadata"] == "rfc7865"
+    assert answered[("PCMA",)]["metadata"] == "broadworks"
+    assert answered[("PCMA",)]["lanes"] == ["mixed"]
+    closed = plugin.named("recording closed")
+    assert sorted(e["packets"] for e in closed) == sorted([int(seconds * 50),
+                                                           2 * int(seconds * 50)])
+    assert all(e["why"] == "bye" and e["other_payload"] == 0 and e["foreign_ssrc"] == 0
+               and e["lost_ms"] == 0 for e in closed), closed
+    events = webhook_events(webhook)
+    summaries = {e["extra"]["sip_call_id"]: e for e in events if e["type"] == "call_summary"}
+    # CUBE's recording: the PCMU caller is the spoof, the G.722 agent a person
+    summary = summaries[g722.call_id]
+    assert summary["extra"] == {"sip_call_id": g722.call_id, "recording_session_id": SESSION_ID,
+                                "caller_aor": CALLER_AOR, "agent_aor": AGENT_AOR}
+    states = {s["speaker"]: s for s in summary["speakers"]}
+    assert states["caller"]["state"] == "SPEAKER_STATE_SPOOF_SUSPECTED"
+    assert states["agent"]["state"] != "SPEAKER_STATE_SPOOF_SUSPECTED"
+    assert states["caller"]["speech_seconds"] > 2 and states["agent"]["speech_seconds"] > 5
+    alerts = [e for e in events if e["type"] == "spoof_alert"
+              and e["extra"]["sip_call_id"] == g722.call_id]
+    assert [a["speaker"] for a in alerts] == ["caller"]
+    # BroadWorks': one mixed stream, its participants with the caller (the user) first
+    summary = summaries[broadworks.call_id]
+    assert summary["extra"] == {"sip_call_id": broadworks.call_id,
+                                "recording_session_id": BROADWORKS_SESSION,
+                                "participants": f"{BROADWORKS_USER},{BROADWORKS_OTHER}",
+                                "caller_aor": BROADWORKS_USER}
+    assert summary["audio_seconds"] >= seconds - 0.5 and summary["gaps"] == []
+    text = "".join(plugin.lines)  # no AOR or number in the logs
+    assert "2025550147" not in text and "15550100" not in text
+

@@ -4,8 +4,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.architectures.scorer import build_model
 from models.data.asvspoof import ASVspoofSplit, TrialDataset
-from models.inference import build_model, load_detector
+from models.inference import load_detector
 from models.tasks.antispoofing import subset, train
 from models.tasks.config import TrainConfig
 from tests.paths import CORPUS, require

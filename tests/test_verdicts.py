@@ -6,9 +6,9 @@ speech (hop 1 s), ``speech_seconds`` the speaker's speech up to the window's end
 
 from __future__ import annotations
 
+from models.verdicts import EvidenceRule, State, Update, make_rule
 from server.lanes import Lanes
 from server.speakers import SpeakerAudio
-from server.verdicts import EvidenceRule, State, Update, make_rule
 
 
 def _feed(rule: EvidenceRule, probs: list[float], t0: float = 0.0,

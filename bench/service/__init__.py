@@ -2,7 +2,7 @@
 (``make bench``) writes ``bench/results/service.{json,md}``.
 
 * :mod:`bench.service.stack`: the server as ``make run`` starts it (flags read from the
-  Makefile), through :class:`server.devstack.Stack`;
+  Makefile), through :class:`devstack.Stack`;
 * :mod:`bench.service.audio`: real calls, mono (MIXED) and one party per channel (SPLIT);
 * :mod:`bench.service.driver`: real-time streams, per-window latency, the capacity search;
 * :mod:`bench.service.report`: the JSON and the markdown.

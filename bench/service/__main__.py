@@ -30,7 +30,7 @@ from bench.service.driver import (
     warm_up,
 )
 from bench.service.stack import histogram_stats, make_stack, scrape, wait_idle
-from server.devstack import Stack
+from devstack import Stack
 
 _T0 = time.monotonic()
 
@@ -56,10 +56,10 @@ def diarization_state(stack: Stack) -> bool | None:
 
 def lookahead_seconds() -> float:
     """How long after a window's end the streaming diarizer decides its last second: its
-    right context, rounded up to its step grid (``diarization.stream.StreamConfig``)."""
-    from diarization.stream import StreamConfig
+    right context, rounded up to its step grid (``diarization.stream.StreamingDiarizerConfig``)."""
+    from diarization.stream import StreamingDiarizerConfig
 
-    c = StreamConfig()
+    c = StreamingDiarizerConfig()
     return math.ceil(c.latency_seconds / c.step_seconds - 1e-9) * c.step_seconds
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from client.audio import CHUNK_SECONDS, read_audio
-from server.devstack import ROOT, SHARED
+from devstack import ROOT, SHARED
 from server.windowing import SPEECH_FRAME_SECONDS, speech_seconds
 
 SHARED_CALLS = SHARED / "calls"

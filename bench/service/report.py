@@ -17,8 +17,9 @@ from typing import Any
 
 import grpc
 
+from bench import page
 from bench.service.driver import P99_LIMIT_S, Capacity, Run
-from server.devstack import ROOT
+from devstack import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_STREAMS = 50  # issue 9: real time for 50 calls with the shipped defaults
@@ -38,7 +39,7 @@ def machine() -> dict[str, object]:
             gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=10,
                                  check=True).stdout.strip() or "none"
-    from diarization.stream import native_bf16
+    from diarization.models import native_bf16
 
     return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu, "bf16_in_hardware": native_bf16(),
             "python": platform.python_version(), "grpcio": grpc.__version__,
@@ -142,4 +143,4 @@ def markdown(runs: list[Run], capacity: dict[tuple[str, str, str], Capacity],
     sources = meta["audio_sources"]
     lines += ["", "Audio: " + ", ".join(f"{name} (SPLIT from {how})"
                                         for name, how in sources.items()) + "."]
-    return "\n".join(lines) + "\n"
+    return page(lines)

@@ -1,5 +1,5 @@
 """The server under test, started as ``make run`` starts it, through
-:class:`server.devstack.Stack`; and what the bench reads from it while it runs.
+:class:`devstack.Stack`; and what the bench reads from it while it runs.
 
 The flags are read from the Makefile's ``run`` recipe itself (only ``--listen`` is replaced by
 a free port, and ``--metrics-port`` added to watch the server drain between trials), so that
@@ -16,7 +16,7 @@ import shlex
 import time
 import urllib.request
 
-from server.devstack import ROOT, Stack, free_port
+from devstack import ROOT, Stack, free_port
 
 MAKEFILE = ROOT / "Makefile"
 

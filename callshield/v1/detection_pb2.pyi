@@ -190,11 +190,31 @@ class GetModelResponse(_message.Message):
     calibration: Calibration
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., window_seconds: _Optional[float] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
 
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model", "previous", "path", "queue")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    model: GetModelResponse
+    previous: GetModelResponse
+    path: str
+    queue: str
+    def __init__(self, model: _Optional[_Union[GetModelResponse, _Mapping]] = ..., previous: _Optional[_Union[GetModelResponse, _Mapping]] = ..., path: _Optional[str] = ..., queue: _Optional[str] = ...) -> None: ...
+
 class WatchCallsRequest(_message.Message):
-    __slots__ = ("include_windows",)
+    __slots__ = ("include_windows", "flagged_audio_seconds")
     INCLUDE_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     include_windows: bool
-    def __init__(self, include_windows: _Optional[bool] = ...) -> None: ...
+    flagged_audio_seconds: float
+    def __init__(self, include_windows: _Optional[bool] = ..., flagged_audio_seconds: _Optional[float] = ...) -> None: ...
 
 class CallOpened(_message.Message):
     __slots__ = ("platform", "speakers", "channel_mode", "alert_threshold", "model", "rpc", "opened_at")
@@ -221,7 +241,7 @@ class CallClosed(_message.Message):
     def __init__(self, status: _Optional[str] = ...) -> None: ...
 
 class WatchCallsResponse(_message.Message):
-    __slots__ = ("stream_id", "call_id", "server_time", "snapshot", "opened", "window", "verdict", "alert", "summary", "closed", "ready")
+    __slots__ = ("stream_id", "call_id", "server_time", "snapshot", "opened", "window", "verdict", "alert", "summary", "closed", "ready", "flagged_audio")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +253,7 @@ class WatchCallsResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_AUDIO_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     call_id: str
     server_time: float
@@ -244,12 +265,33 @@ class WatchCallsResponse(_message.Message):
     summary: StreamSummary
     closed: CallClosed
     ready: WatchReady
-    def __init__(self, stream_id: _Optional[str] = ..., call_id: _Optional[str] = ..., server_time: _Optional[float] = ..., snapshot: _Optional[bool] = ..., opened: _Optional[_Union[CallOpened, _Mapping]] = ..., window: _Optional[_Union[WindowResult, _Mapping]] = ..., verdict: _Optional[_Union[SpeakerVerdict, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ..., closed: _Optional[_Union[CallClosed, _Mapping]] = ..., ready: _Optional[_Union[WatchReady, _Mapping]] = ...) -> None: ...
+    flagged_audio: FlaggedAudio
+    def __init__(self, stream_id: _Optional[str] = ..., call_id: _Optional[str] = ..., server_time: _Optional[float] = ..., snapshot: _Optional[bool] = ..., opened: _Optional[_Union[CallOpened, _Mapping]] = ..., window: _Optional[_Union[WindowResult, _Mapping]] = ..., verdict: _Optional[_Union[SpeakerVerdict, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ..., closed: _Optional[_Union[CallClosed, _Mapping]] = ..., ready: _Optional[_Union[WatchReady, _Mapping]] = ..., flagged_audio: _Optional[_Union[FlaggedAudio, _Mapping]] = ...) -> None: ...
+
+class FlaggedAudio(_message.Message):
+    __slots__ = ("speaker", "start_seconds", "end_seconds", "alert_start_seconds", "alert_end_seconds", "sample_rate_hz", "audio")
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALERT_START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALERT_END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    speaker: str
+    start_seconds: float
+    end_seconds: float
+    alert_start_seconds: float
+    alert_end_seconds: float
+    sample_rate_hz: int
+    audio: bytes
+    def __init__(self, speaker: _Optional[str] = ..., start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ..., alert_start_seconds: _Optional[float] = ..., alert_end_seconds: _Optional[float] = ..., sample_rate_hz: _Optional[int] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class WatchReady(_message.Message):
-    __slots__ = ("open_calls", "server_started_at")
+    __slots__ = ("open_calls", "server_started_at", "flagged_audio_seconds")
     OPEN_CALLS_FIELD_NUMBER: _ClassVar[int]
     SERVER_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     open_calls: int
     server_started_at: float
-    def __init__(self, open_calls: _Optional[int] = ..., server_started_at: _Optional[float] = ...) -> None: ...
+    flagged_audio_seconds: float
+    def __init__(self, open_calls: _Optional[int] = ..., server_started_at: _Optional[float] = ..., flagged_audio_seconds: _Optional[float] = ...) -> None: ...

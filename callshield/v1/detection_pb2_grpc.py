@@ -54,6 +54,11 @@ class DetectionServiceStub:
                 request_serializer=callshield_dot_v1_dot_detection__pb2.WatchCallsRequest.SerializeToString,
                 response_deserializer=callshield_dot_v1_dot_detection__pb2.WatchCallsResponse.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/callshield.v1.DetectionService/ReloadModel',
+                request_serializer=callshield_dot_v1_dot_detection__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=callshield_dot_v1_dot_detection__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class DetectionServiceServicer:
@@ -90,6 +95,16 @@ class DetectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Admin: load the model again from its path (or from a new one) without dropping calls:
+        windows being scored finish on the old model, the next ones use the new one. Authorized
+        by the admin token like WatchCalls. A file that does not load, or a model of another
+        sample rate or window length, leaves the old model serving: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +127,11 @@ def add_DetectionServiceServicer_to_server(servicer, server):
                     servicer.WatchCalls,
                     request_deserializer=callshield_dot_v1_dot_detection__pb2.WatchCallsRequest.FromString,
                     response_serializer=callshield_dot_v1_dot_detection__pb2.WatchCallsResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=callshield_dot_v1_dot_detection__pb2.ReloadModelRequest.FromString,
+                    response_serializer=callshield_dot_v1_dot_detection__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +242,33 @@ class DetectionService:
             '/callshield.v1.DetectionService/WatchCalls',
             callshield_dot_v1_dot_detection__pb2.WatchCallsRequest.SerializeToString,
             callshield_dot_v1_dot_detection__pb2.WatchCallsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callshield.v1.DetectionService/ReloadModel',
+            callshield_dot_v1_dot_detection__pb2.ReloadModelRequest.SerializeToString,
+            callshield_dot_v1_dot_detection__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -212,10 +212,10 @@
     if (!response.ok) return;
     const data = await response.json();
     const names = data.speakers.map((s) => s.name).join("\n") + "|" + data.alerts.length
-      + "|" + data.has_summary;
+      + "|" + data.clips.length + "|" + data.has_summary;
     if (knownSpeakers !== null && names !== knownSpeakers
         && !(document.activeElement && document.activeElement.name === "note")) {
-      location.reload();  // new speakers, alerts or the summary: their rows and forms
+      location.reload();  // new speakers, alerts, audio or the summary: their rows, forms
       return;             // come from the server
     }
     knownSpeakers = names;

@@ -31,7 +31,7 @@ same two-logit model whatever the head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from torch import nn
 from models.architectures.lfcc_gmm import LFCCFeatures, linear_filterbank
 from models.architectures.pooling import StridedMaxPool2d
 from models.architectures.scorer import LogitsScorer
+from models.config_dict import dataclass_from_dict
 
 __all__ = ["LCNN", "LCNNConfig", "LCNNScorer", "LFCCFrontEnd"]
 
@@ -72,11 +73,7 @@ class LCNNConfig(LFCCFeatures):
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LCNNConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown LCNN config keys: {sorted(unknown)}")
-        return cls(**raw)
+        return dataclass_from_dict(cls, raw, "LCNN config")
 
     @property
     def feature_dim(self) -> int:

@@ -19,7 +19,7 @@ Departures from the baseline, and why:
   (``2 * n_ceps`` dims). A fixed channel (microphone, line) adds a constant to the static
   cepstra, which the deltas cancel; without the statics the GMMs cannot key on the
   recording conditions of the training speakers. Leave-one-system-out on the dev part
-  (``bench/results/gmm-exploration.md``), 32 components: 19.7-20.1 % pooled EER over seeds
+  (``experiments/gmm-exploration.md``), 32 components: 19.7-20.1 % pooled EER over seeds
   0-2 against 24.3-26.0 % with the statics (23.3 % for the 128-component classic recipe),
   and half the bona fide digit false alarms at a matched spoof miss rate. Without statics
   more components fit worse to unseen engines (128: 21.5 %), hence
@@ -31,7 +31,7 @@ Departures from the baseline, and why:
   log-likelihood ratio just the same; the deltas are taken before the drop, so a kept
   frame's deltas still see its true neighbours. The level is relative to the utterance's
   own peak, so it does not depend on the caller's gain. Leave-one-system-out with
-  ``static=False``, 30 dB (``bench/results/gmm-exploration.md``, "Quiet-frame gate"): the
+  ``static=False``, 30 dB (``experiments/gmm-exploration.md``, "Quiet-frame gate"): the
   same pooled EER within seed noise, alone and fused with RawNet2, and a lower worst
   held-out engine at every seed and size. Off by default (checkpoints written before it
   keep every frame).
@@ -421,4 +421,3 @@ class LFCCGMM:
 class LFCCGMMScorer(WaveScorer):
     architecture = _ARCH
     model_class = LFCCGMM
-    trainer = "models.tasks.gmm:train_lfcc_gmm"

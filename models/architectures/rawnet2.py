@@ -24,6 +24,7 @@ from torch import nn
 
 from models.architectures.scorer import LogitsScorer
 from models.architectures.sinc import SincFilterBank
+from models.config_dict import dataclass_from_dict
 
 Variant = Literal["baseline2021", "eurecom"]
 
@@ -63,10 +64,7 @@ class RawNet2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RawNet2Config:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown RawNet2 config keys: {sorted(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "RawNet2 config")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,11 +2,14 @@
 
 Why: the server, the workers, training and the benches must not each know which
 architectures exist. Each architecture's module defines one :class:`Scorer` class (how to
-build it from a checkpoint, how to score a batch, optionally how to train it and how to
-recognise its official weights); a checkpoint records that class as ``module:Class`` under
+build it from a checkpoint, how to score a batch, optionally how to recognise its official
+weights); a checkpoint (:mod:`models.checkpoint`) records that class as ``module:Class`` under
 ``"scorer"``, and loading imports exactly that module, as pyannote.audio's
 ``Model.from_pretrained`` does with the class it stores. Adding a model is one new file under
 ``models/architectures/`` whose training config names ``architecture: module:Class``.
+
+A scorer does not train itself: the trainers live in :mod:`models.tasks` (which imports the
+scorers, never the reverse), so that scoring a model never imports the training stack.
 
 Checkpoints written before the class was recorded name only their architecture:
 :data:`ARCHITECTURES` maps those names (and the short names the training configs use) to
@@ -16,16 +19,10 @@ their class.
 from __future__ import annotations
 
 import importlib
-import json
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from models.tasks.config import TrainConfig
 
 #: short architecture name -> its scorer class (see the module docstring)
 ARCHITECTURES = {
@@ -65,12 +62,6 @@ class Scorer(Protocol):
         is not one."""
         ...
 
-    @classmethod
-    def train(cls, config: TrainConfig, run_dir: Path, progress: bool,
-              export_only: bool) -> str:
-        """Train from ``config`` (``python -m models train``); what to print."""
-        ...
-
 
 def scorer_class(name: str) -> type[Scorer]:
     """The scorer class for a checkpoint's ``scorer`` path or an architecture name."""
@@ -89,6 +80,14 @@ def scorer_class(name: str) -> type[Scorer]:
 def scorer_path(cls: type[Scorer]) -> str:
     """What a checkpoint records for ``cls``."""
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def build_model(architecture: str, model_config: dict[str, Any]) -> Any:
+    """An untrained network of a neural ``architecture`` (a name or a scorer path)."""
+    build = getattr(scorer_class(architecture), "build", None)
+    if build is None:
+        raise ValueError(f"{architecture!r} is not a neural architecture")
+    return build(model_config)
 
 
 def official_scorer(state: dict[str, Any], device: torch.device,
@@ -132,15 +131,6 @@ class LogitsScorer(BaseScorer):
         model.load_state_dict(state["state_dict"], strict=True)
         return cls(model, device, dtype)
 
-    @classmethod
-    def train(cls, config: TrainConfig, run_dir: Path, progress: bool,
-              export_only: bool) -> str:
-        from models.tasks.antispoofing import train
-
-        result = train(config, run_dir, progress=progress, export_only=export_only)
-        return (f"best epoch {result.best_epoch + 1}: dev EER {100 * result.best_dev_eer:.2f}%\n"
-                f"checkpoint: {result.checkpoint}")
-
     def raw_scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x).float()
         return logits[:, 1] - logits[:, 0]
@@ -159,8 +149,6 @@ class WaveScorer(BaseScorer):
     as ``model_class.state_dict()``."""
 
     model_class: ClassVar[Any] = None
-    #: ``module:function`` that trains one from a config and returns a JSON-able summary
-    trainer: ClassVar[str] = ""
     device = torch.device("cpu")  # what the workers report: the model is numpy on the CPU
     dtype = torch.float32  # the waveforms' type
 
@@ -171,15 +159,6 @@ class WaveScorer(BaseScorer):
     def from_checkpoint(cls, state: dict[str, Any], device: torch.device,
                         dtype: torch.dtype) -> WaveScorer:
         return cls(cls.model_class.from_state_dict(state["state_dict"]))
-
-    @classmethod
-    def train(cls, config: TrainConfig, run_dir: Path, progress: bool,
-              export_only: bool) -> str:
-        if not cls.trainer:
-            raise ValueError(f"{cls.architecture} is not trained by `python -m models train`")
-        module, _, name = cls.trainer.partition(":")
-        result = getattr(importlib.import_module(module), name)(config, run_dir)
-        return json.dumps(result, indent=2)
 
     def score_batch(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.score(list(batch)), dtype=np.float64)

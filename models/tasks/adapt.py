@@ -238,7 +238,8 @@ def adapt(
 
 def adapt_checkpoint(base: str | Path, out: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Load ``base`` (a named model or a path), adapt it, write ``out``; returns the report."""
-    from models.inference import FORMAT, NAMED_MODELS, save_checkpoint
+    from models.checkpoint import FORMAT, save_checkpoint
+    from models.inference import NAMED_MODELS
 
     path = NAMED_MODELS.get(str(base), Path(base))
     if not Path(path).is_file():

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.architectures.scorer import build_model
+from models.checkpoint import save_checkpoint
 from models.data.asvspoof import ASVspoofSplit, Trial, TrialDataset, leave_out, read_protocol
-from models.inference import build_model, fit_calibration, resolve_device, save_checkpoint
+from models.inference import fit_calibration, resolve_device
 from models.metrics import compute_eer
 from models.tasks.config import TrainConfig, repo_path
 

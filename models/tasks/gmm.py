@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from models.architectures.lfcc_gmm import LFCCGMM, LFCCGMMConfig
+from models.checkpoint import save_checkpoint
 from models.data.asvspoof import ASVspoofSplit, TrialDataset
-from models.inference import fit_calibration, save_checkpoint
+from models.inference import fit_calibration
 from models.tasks.antispoofing import eer_by_system, subset
 from models.tasks.config import REPO_ROOT, TrainConfig
 

@@ -44,6 +44,20 @@ def multi_resolution_stft_loss(
     return total / len(resolutions)
 
 
+def _convolve(layers: nn.ModuleList, post: nn.Module,
+              x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A discriminator's convolutions (leaky ReLU between them) over its view of the audio:
+    the logits, flattened per item, and every layer's output (the feature-matching loss
+    compares them between real and generated audio)."""
+    features = []
+    for layer in layers:
+        x = F.leaky_relu(layer(x), 0.1)
+        features.append(x)
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
+
+
 class PeriodDiscriminator(nn.Module):
     """The waveform folded into ``period`` columns, 2-D convolutions along time only;
     HiFi-GAN's layout at an eighth of its channels (8 kHz, one CPU thread)."""
@@ -64,13 +78,7 @@ class PeriodDiscriminator(nn.Module):
         if t % self.period:
             wave = F.pad(wave, (0, self.period - t % self.period), mode="reflect")
         x = wave.view(b, 1, -1, self.period)
-        features = []
-        for layer in self.layers:
-            x = F.leaky_relu(layer(x), 0.1)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _convolve(self.layers, self.post, x)
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -93,13 +101,7 @@ class ResolutionDiscriminator(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = _magnitude(wave, *self.resolution).unsqueeze(1)  # (b, 1, freq, frames)
-        features = []
-        for layer in self.layers:
-            x = F.leaky_relu(layer(x), 0.1)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _convolve(self.layers, self.post, x)
 
 
 class Discriminators(nn.Module):

@@ -29,6 +29,7 @@ import soundfile as sf
 import torch
 import yaml
 
+from models.config_dict import dataclass_from_dict
 from models.data.asvspoof import audio_path, read_protocol
 from models.data.audio import AudioError
 from models.tasks.config import repo_path
@@ -113,16 +114,9 @@ class VocoderTrainConfig:
         parts: dict[str, Any] = {}
         for key, kind in (("data", VocoderData), ("optim", VocoderOptim),
                           ("loss", VocoderLoss)):
-            section = raw.pop(key, None) or {}
-            unknown = set(section) - set(kind.__dataclass_fields__)
-            if unknown:
-                raise VocoderConfigError(f"unknown vocoder config keys in {key}: "
-                                         f"{sorted(unknown)}")
-            parts[key] = kind(**section)
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise VocoderConfigError(f"unknown vocoder config keys: {sorted(unknown)}")
-        config = cls(**raw, **parts)
+            parts[key] = dataclass_from_dict(kind, raw.pop(key, None) or {},
+                                             f"vocoder config {key}", VocoderConfigError)
+        config = dataclass_from_dict(cls, raw | parts, "vocoder config", VocoderConfigError)
         if config.architecture != "vocos":
             raise VocoderConfigError(f"architecture {config.architecture!r}: only 'vocos' "
                                      "is implemented")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.config_dict import dataclass_from_dict
 from models.errors import ModelError
 
 
@@ -58,10 +59,7 @@ class VocosParams:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VocosParams:
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise VocoderConfigError(f"unknown vocoder model keys: {sorted(unknown)}")
-        return cls(**raw)
+        return dataclass_from_dict(cls, raw, "vocoder model", VocoderConfigError)
 
 
 class MelFrontEnd(nn.Module):

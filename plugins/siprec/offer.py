@@ -4,7 +4,7 @@ m-lines are recorded, on which lane, for which participant.
 
 Each failure is a :class:`plugins.siprec.sip.SipError` with the response that says what we
 cannot take: 415 for a body type, 400 for a malformed body or metadata, 488 for SDP we cannot
-record from (no audio, no PCMU/PCMA, too many streams).
+record from (no audio, no PCMU/PCMA/G.722, SRTP only).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def read_offer(request: SipMessage, max_streams: int = 2) -> Offer:
     if not candidates:
         offered = sorted({(m.codec(int(f)) or (f, 0))[0] for m in sdp.media
                           for f in m.formats if f.isdigit()})
-        raise SipError(488, "no audio stream in PCMU or PCMA to record (offered: "
+        raise SipError(488, "no audio stream in PCMU, PCMA or G722 to record (offered: "
                             f"{', '.join(offered)[:80] or 'none'})")
     caller = metadata.caller() if metadata else None
     if caller is not None and any(c.participant is caller for c in candidates):

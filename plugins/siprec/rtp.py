@@ -1,5 +1,5 @@
 """RTP (RFC 3550) for a recording session, sans-IO: packets parsed, one source locked per
-stream, reordered and gap-filled into 8 kHz linear PCM.
+stream, reordered and gap-filled into 8 kHz linear PCM (:mod:`.codecs` decodes).
 
 Each stream locks onto the first SSRC it hears (again after a re-INVITE); packets of any other
 source are dropped and counted, so a stray or injected stream cannot mix into a participant's
@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.data.audio import alaw_decode, mulaw_decode
+from plugins.siprec.codecs import G722Decoder, decoder
 
-RATE = 8000
+RATE = 8000  # the RTP clock of every codec we take (G.722's too: RFC 3551 4.5.2)
 MAX_GAP_SECONDS = 5.0  # a timestamp jump longer than this is a new timeline, not silence
-DECODERS = {"PCMU": mulaw_decode, "PCMA": alaw_decode}
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class JitterBuffer:
     def __init__(self, payload_type: int, codec: str, event_type: int | None = None,
                  reorder_seconds: float = 0.06) -> None:
         self.payload_type = payload_type
-        self.decode = DECODERS[codec]
+        self.decode = decoder(codec)
         self.event_type = event_type
         self.hold = int(reorder_seconds * RATE)
         self.stats = StreamStats()
@@ -92,6 +91,8 @@ class JitterBuffer:
         """A re-INVITE may change the source: lock onto the next one heard."""
         self.flush()
         self.ssrc, self._next_seq = None, None
+        if isinstance(self.decode, G722Decoder):
+            self.decode.reset()
 
     def push(self, packet: RtpPacket) -> list[np.ndarray]:
         """PCM (int16) now playable, in order; empty while reordering."""
@@ -147,8 +148,9 @@ class JitterBuffer:
                 if 0 < jump < MAX_GAP_SECONDS * RATE:  # silence suppression: time went on
                     out.append(np.zeros(jump, np.int16))
                     self.stats.gap_samples += jump
-            pcm = self.decode(packet.payload)
-            out.append(pcm)
+            out.append(self.decode(packet.payload))
             self._next_seq += 1
-            self._next_ts = (packet.timestamp + len(pcm)) & 0xFFFFFFFF
+            # one payload byte is one tick of the 8 kHz clock for PCMU, PCMA and G.722 alike
+            # (G.722's byte is two 16 kHz samples), whatever the decoder gave out for it
+            self._next_ts = (packet.timestamp + len(packet.payload)) & 0xFFFFFFFF
         return out

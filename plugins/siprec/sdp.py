@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from plugins.siprec.sip import SipError
 
 # static payload types (RFC 3551) and the rtpmap names we decode, with their clock rate
-STATIC = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000)}
-DECODABLE = ("PCMU", "PCMA")  # G.722: no maintained decoder on PyPI (see docs/siprec.md)
+STATIC = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000), 18: ("G729", 8000)}
+DECODABLE = ("PCMU", "PCMA", "G722")  # :mod:`plugins.siprec.codecs`; opus: docs/siprec.md
 DIRECTIONS = ("sendonly", "recvonly", "sendrecv", "inactive")
 MAX_MEDIA = 16  # m-lines parsed at all; the server's own limit is lower
 

@@ -1,5 +1,6 @@
-"""The SIPREC session recording server (SRS): SIP over UDP and TCP on one port, RTP per
-recorded stream, each recording streamed to the detector like any other plugin's call.
+"""The SIPREC session recording server (SRS): SIP over UDP and TCP on one port (and over TLS
+on another, when configured), RTP per recorded stream, each recording streamed to the
+detector like any other plugin's call.
 
 The sans-IO parts say what messages and bodies mean (:mod:`.sip`, :mod:`.sdp`,
 :mod:`.metadata`, :mod:`.offer`, :mod:`.rtp`, :mod:`.media`); this module is the I/O and the
@@ -27,11 +28,11 @@ import asyncio
 import errno
 import hashlib
 import socket
+import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import cast
 
 import numpy as np
@@ -39,7 +40,8 @@ import structlog
 
 from callshield.v1 import detection_pb2 as pb
 from plugins import metrics
-from plugins.core import CallBridge, DetectorGone, DetectorLink
+from plugins.addresses import Network, allowed, parse_hostport
+from plugins.bridge import CallBridge, DetectorGone, DetectorLink
 from plugins.protocols.events import AudioFormat
 from plugins.siprec.media import Lanes
 from plugins.siprec.offer import ACCEPT, Offer, read_offer
@@ -62,10 +64,10 @@ PLUGIN = "siprec"
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS"
 SUPPORTED = frozenset({"siprec"})  # Require: anything else is answered 420
 MAX_TCP_CONNECTIONS = 256  # SIP over TCP: SRCs keep a few long-lived connections
+TLS_HANDSHAKE_SECONDS = 10.0
 T1, T2 = 0.5, 4.0  # RFC 3261 timers
 FILL_STEP_SECONDS = 0.2
 log = structlog.get_logger("callshield.plugins.siprec")
-Network = IPv4Network | IPv6Network
 Reply = Callable[[bytes], None]
 
 
@@ -89,18 +91,26 @@ class SiprecSettings:
     max_sessions_per_source: int = 50
     rtp_timeout_seconds: float = 30.0
     answer_wait_seconds: float = 5.0  # for the detector, before refusing with 503
+    tls_listen: str = ""  # "host:port": SIP over TLS as well (RFC 3261 26.2; off when "")
+    tls_cert: str = ""  # PEM certificate chain the SRCs verify
+    tls_key: str = ""  # its PEM private key
+
+    def __post_init__(self) -> None:
+        if self.tls_listen and not (self.tls_cert and self.tls_key):
+            raise ValueError("SIP over TLS needs a certificate and its key (PEM files): "
+                             "--siprec-tls-cert and --siprec-tls-key")
 
 
-def allowed(allow: Sequence[Network], host: str) -> bool:
-    if not allow:
-        return True
-    try:
-        address = ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in net for net in allow)
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server side of SIP over TLS: TLS 1.2 or later, the system's default ciphers.
+    SRCs authenticate us by the certificate; we authenticate them by source address
+    (``--siprec-allow``), as with UDP and TCP, not by client certificates."""
+    if not cert or not key:
+        raise ValueError("SIP over TLS needs a certificate and its key (PEM files)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def local_address(listen_host: str, peer: str) -> str:
@@ -241,7 +251,7 @@ class RecordingSession:
 
     def contact(self) -> str:
         host = f"[{self.local}]" if ":" in self.local else self.local
-        return f"<sip:srs@{host}:{self.srs.port};transport={self.transport}>"
+        return f"<sip:srs@{host}:{self.srs.port_for(self.transport)};transport={self.transport}>"
 
     def spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -284,6 +294,8 @@ class RecordingSession:
         self.send(self._ok(self.invite, self.offer))
         self.log.info("recording answered", streams=len(self.streams),
                       lanes=list(self.offer.lanes), refused_mlines=len(self.offer.refused),
+                      codecs=[r.codec for r in ordered],
+                      metadata=self.offer.metadata.dialect if self.offer.metadata else "none",
                       transport=self.transport,
                       **self.srs.private(caller=self.offer.aor(0),
                                          agent=self.offer.aor(1) if not self.offer.mixed else ""))
@@ -384,8 +396,11 @@ class RecordingSession:
         self.extra["sip_call_id"] = self.call_id
         if md is not None:
             self.extra["recording_session_id"] = md.session_id
-            if offer.mixed:
-                self.extra["participants"] = ",".join(p.aor for p in md.participants if p.aor)
+            if offer.mixed:  # one stream for everyone (BroadWorks records this way)
+                caller = md.caller()
+                ordered = sorted(md.participants, key=lambda p: p is not caller)
+                self.extra["participants"] = ",".join(p.aor for p in ordered if p.aor)
+                self.extra["caller_aor"] = caller.aor if caller is not None else ""
             else:
                 self.extra["caller_aor"] = offer.aor(0)
                 self.extra["agent_aor"] = offer.aor(1)
@@ -405,7 +420,8 @@ class RecordingSession:
         remote = invite.get("Contact")
         target = uri_of(remote) if remote else uri_of(invite.get("From"))
         bye = SipMessage(method="BYE", uri=target, headers=[
-            ("Via", f"SIP/2.0/{self.transport.upper()} {host}:{self.srs.port};branch="
+            ("Via", f"SIP/2.0/{self.transport.upper()} {host}:"
+                    f"{self.srs.port_for(self.transport)};branch="
                     f"{new_branch()};rport"),
             ("Max-Forwards", "70"), ("From", to), ("To", invite.get("From")),
             ("Call-ID", self.call_id), ("CSeq", f"{self.cseq} BYE")])
@@ -527,6 +543,7 @@ class RecordingSession:
                       lost_ms=lost // 8, late=sum(s.late for s in stats),
                       gap_ms=sum(s.gap_samples for s in stats) // 8,
                       dtmf=sum(s.events for s in stats), padded_ms=self.lanes.padded // 8,
+                      other_payload=sum(s.other_payload for s in stats),
                       wrong_source=self.dropped_source)
         try:
             if self.bridge is not None:
@@ -565,19 +582,67 @@ class _SipUdp(asyncio.DatagramProtocol):
         self.srs.receive(data, (addr[0], addr[1]), reply, "udp")
 
 
+class _TlsAccept(asyncio.Protocol):
+    """A connection to the TLS port: admitted by source first (no handshake for a stranger),
+    then the handshake, then SIP as over TCP. Reading is paused until the handshake takes
+    the connection over, so the ClientHello reaches TLS rather than a stream buffer; a
+    failed handshake (an SRC that does not trust our certificate, plain SIP sent to this
+    port, a client that stalls) is logged, which asyncio's own TLS server does not do."""
+
+    def __init__(self, srs: SiprecServer, context: ssl.SSLContext) -> None:
+        self.srs = srs
+        self.context = context
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)
+        tcp.pause_reading()
+        peer = tcp.get_extra_info("peername") or ("?", 0)
+        if not self.srs.admit(str(peer[0]), "tls"):
+            tcp.close()
+            return
+        self.srs._spawn(self._upgrade(tcp, str(peer[0])))
+
+    async def _upgrade(self, tcp: asyncio.Transport, source: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2 * MAX_MESSAGE_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        self.srs.handshakes += 1
+        try:
+            secure = await loop.start_tls(tcp, protocol, self.context, server_side=True,
+                                          ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "tls").inc()
+            log.warning("SIP over TLS handshake failed", transport="tls", source=source,
+                        reason=(str(exc) or type(exc).__name__)[:160])
+            tcp.close()
+            return
+        finally:
+            self.srs.handshakes -= 1
+        if secure is None:  # the peer closed during the handshake
+            tcp.close()
+            return
+        protocol.connection_made(secure)
+        writer = asyncio.StreamWriter(secure, protocol, reader, loop)
+        await self.srs._handle_tcp(reader, writer, "tls")
+
+
 class SiprecServer:
-    """The SRS: one UDP endpoint and one TCP listener on the same port."""
+    """The SRS: one UDP endpoint and one TCP listener on the same port, and optionally a
+    TLS listener on another (``tls_listen``)."""
 
     def __init__(self, detector: DetectorLink, settings: SiprecSettings) -> None:
         self.detector = detector
         self.settings = settings
         self.host = "127.0.0.1"
         self.port = 0
+        self.tls_port = 0
         self.ports = PortPool(self.host, *settings.rtp_ports)
         self.sessions: dict[str, RecordingSession] = {}
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
+        self._tls: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self.handshakes = 0  # TLS handshakes in progress: they count against the limit too
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- privacy ---------------------------------------------------------------------------
@@ -599,6 +664,9 @@ class SiprecServer:
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
+        s = self.settings
+        # read before binding anything: a bad certificate is the operator's error, at once
+        context = tls_context(s.tls_cert, s.tls_key) if s.tls_listen else None
         self.host = host
         self.ports.host = host
         # Port 0: the system picks a free UDP port, and TCP needs the same number, which a
@@ -614,13 +682,38 @@ class SiprecServer:
                 if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 19:
                     raise
                 continue
+            if context is not None:
+                await self._start_tls(context)
             return self.port
         raise AssertionError("unreachable")
 
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        host, port = parse_hostport(self.settings.tls_listen)
+        loop = asyncio.get_running_loop()
+        try:  # the handshake is ours (after the allowlist), so that its failure is logged
+            self._tls = await loop.create_server(lambda: _TlsAccept(self, context), host, port)
+        except BaseException:
+            self._close_listeners()
+            raise
+        self.tls_port = int(self._tls.sockets[0].getsockname()[1])
+        log.info("SIP over TLS listening", host=host, port=self.tls_port)
+
+    def _close_listeners(self) -> None:
+        for server in (self._tcp, self._tls):
+            if server is not None:
+                server.close()
+        if self._udp is not None:
+            self._udp.close()
+
+    def port_for(self, transport: str) -> int:
+        """Our port on ``transport``, for a Contact or Via of ours."""
+        return self.tls_port if transport == "tls" else self.port
+
     async def stop(self) -> None:
         """Stop listening; end every recording (BYE to the SRC, summary to the webhook)."""
-        if self._tcp is not None:
-            self._tcp.close()
+        for listener in (self._tcp, self._tls):
+            if listener is not None:
+                listener.close()
         for session in list(self.sessions.values()):
             if session.state == "proceeding":  # not answered yet: the SRC tries another SRS
                 session.refuse(503, "shutting down", [("Retry-After", "30")])
@@ -634,24 +727,32 @@ class SiprecServer:
             self._udp.close()
         for writer in list(self._connections):
             writer.close()
-        if self._tcp is not None:
-            with suppress(Exception):
-                await asyncio.wait_for(self._tcp.wait_closed(), 2)
+        for listener in (self._tcp, self._tls):
+            if listener is not None:
+                with suppress(Exception):
+                    await asyncio.wait_for(listener.wait_closed(), 2)
 
-    async def _handle_tcp(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    def admit(self, source: str, transport: str) -> bool:
+        """Whether a new SIP connection from ``source`` is taken (allowlist, limit)."""
+        if not allowed(self.settings.allow, source):
+            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "source").inc()
+            log.warning("SIP refused: source not in --siprec-allow", transport=transport,
+                        source=source)
+            return False
+        if len(self._connections) + self.handshakes >= MAX_TCP_CONNECTIONS:
+            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "connections").inc()
+            log.warning("SIP over TCP refused: too many connections", transport=transport,
+                        limit=MAX_TCP_CONNECTIONS)
+            return False
+        return True
+
+    async def _handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          transport: str = "tcp") -> None:
+        """One SIP connection over TCP or (``transport`` "tls", admitted and handshaken by
+        :class:`_TlsAccept`) TLS, framed alike."""
         peer = writer.get_extra_info("peername") or ("?", 0)
         source = (str(peer[0]), int(peer[1]))
-        if not allowed(self.settings.allow, source[0]):
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "source").inc()
-            log.warning("SIP refused: source not in --siprec-allow", transport="tcp",
-                        source=source[0])
-            writer.close()
-            return
-        if len(self._connections) >= MAX_TCP_CONNECTIONS:
-            metrics.PROTOCOL_ERRORS.labels(PLUGIN, "connections").inc()
-            log.warning("SIP over TCP refused: too many connections", transport="tcp",
-                        limit=MAX_TCP_CONNECTIONS)
+        if transport == "tcp" and not self.admit(source[0], transport):
             writer.close()
             return
         framer = StreamFramer(MAX_MESSAGE_BYTES)
@@ -667,11 +768,11 @@ class SiprecServer:
                 except SipError as exc:
                     metrics.PROTOCOL_ERRORS.labels(PLUGIN, "malformed").inc()
                     log.warning("SIP stream unreadable: connection closed", status=exc.status,
-                                reason=str(exc), transport="tcp")
+                                reason=str(exc), transport=transport)
                     break
                 for frame in frames:
-                    self.receive(frame, source, reply, "tcp")
-        except ConnectionError:
+                    self.receive(frame, source, reply, transport)
+        except (ConnectionError, ssl.SSLError):
             pass
         finally:
             self._connections.discard(writer)

@@ -47,7 +47,7 @@ from server.queue.base import WindowScore
 
 AUDIO_FORMATS = ("f32", "i16")
 GROUP = "workers"
-# The streaming diarizer's two model passes (diarization.stream.DiarizationModels.passes):
+# The streaming diarizer's two model passes (diarization.models.DiarizationModels.passes):
 # the segmentation model after its SincNet front end, over one call's 5 s buffer features,
 # and GE2E's LSTM over one 1.6 s partial of mel frames.
 SEGMENTATION_PASS = "diarization-segmentation"

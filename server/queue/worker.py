@@ -101,10 +101,30 @@ class ScoreWindows:
         self.name = detector.name
         self.device = str(detector.device)
 
+    async def reload(self, path: str, half: bool = False) -> bool:
+        """SIGHUP (``server.worker``): load ``path`` again, checked as the server checks a
+        reload (``server/reload.py``), in a thread; the batch being scored finishes on the
+        old model, the next one uses the new. A file that cannot serve is logged and the
+        old model goes on; returns whether the model changed."""
+        from server.reload import ReloadRefused, load_checked
+
+        old = self.detector
+        try:
+            new = await asyncio.to_thread(load_checked, path, self.device, half, old)
+        except ReloadRefused as exc:
+            log.warning("worker model reload refused", path=path, reason=str(exc),
+                        serving=f"{old.name} {old.version}")
+            return False
+        self.detector = new
+        log.info("worker model reloaded", path=path, model=new.name, version=new.version,
+                 previous=f"{old.name} {old.version}")
+        return True
+
     def answer(self, jobs: Sequence[tuple[wire.JobMessage, np.ndarray]],
                worker: str) -> list[wire.ResultMessage]:
-        scores = score_jobs(self.detector, [WindowJob(m.job_id, m.stream_id, audio)
-                                            for m, audio in jobs])
+        detector = self.detector  # one model per batch, whatever a reload does meanwhile
+        scores = score_jobs(detector, [WindowJob(m.job_id, m.stream_id, audio)
+                                       for m, audio in jobs])
         return [m.scored(s, len(jobs), worker) for (m, _), s in zip(jobs, scores, strict=True)]
 
 

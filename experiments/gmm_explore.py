@@ -7,8 +7,8 @@ repeat-padded (as ``bench.generalization`` and ``python -m models score``). Fold
 cached per variant name in ``runs/features/gmm-explore/`` (gitignored); one JSON line per
 run goes to ``runs/features/gmm-explore/results.jsonl``.
 
-    python -m bench.gmm_explore base cmvn ...      # named variants (see VARIANTS)
-    python -m bench.gmm_explore --list
+    python -m experiments.gmm_explore base cmvn ...      # named variants (see VARIANTS)
+    python -m experiments.gmm_explore --list
 
 Selection is on pooled LOSO EER only (dev shares engines with train).
 """
@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.generalization import corpus_root, durations
+from bench import page
 from models.architectures.lfcc_gmm import DiagonalGMM, LFCCGMMConfig, deltas
 from models.data.asvspoof import ASVspoofSplit, Trial, audio_path
 from models.data.audio import load_audio, repeat_pad
 from models.metrics import compute_eer
 from models.tasks.config import REPO_ROOT
 from models.tasks.loso import SHORT_SECONDS, FoldScores, fold_eval_trials, report, spoof_systems
+from models.tasks.recipes import corpus_root, durations
 
 OUT = REPO_ROOT / "runs" / "features" / "gmm-explore"
 SR = 8000
@@ -343,7 +344,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{p(r['eer_long'])} | {p(r['fa_eer_thr_digits'])} / "
                      f"{p(r['fa_eer_thr_sentences'])} | {p(r['fa_cal_digits'])} / "
                      f"{p(r['fa_cal_sentences'])} | {r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return page(lines)
 
 
 def parse_override(spec: str) -> tuple[str, Variant]:

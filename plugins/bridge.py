@@ -1,4 +1,6 @@
-"""What every plugin shares: one detection stream per platform connection.
+"""The bridge from a platform connection to the detector: :class:`DetectorLink` (the
+process-wide gRPC client every plugin shares) and :class:`CallBridge` (one call's detection
+streams, their reconnects and the summary merged over them).
 
 A call (:mod:`plugins.session`) hands the raw audio frames its platform's protocol decoded to
 a :class:`CallBridge` without awaiting anything, so a slow detector never stalls the socket
@@ -15,8 +17,12 @@ ended: DEADLINE_EXCEEDED) does not end detection: the bridge drops the audio tha
 meanwhile (a gap, logged and reported in the ``call_summary``), reconnects within
 ``reconnect_seconds`` and goes on in a new stream, with alert times in call time and one alert
 per speaker over the whole call. A detector that refuses the stream, stays away longer, or
-stops reading for ``stall_seconds`` fails the bridge: it logs the error and calls the
-call's ``on_failure``, which closes the platform connection cleanly. Note the grpcio
+stops reading fails the bridge: it logs the error and calls the call's ``on_failure``, which
+closes the platform connection cleanly. A stall shows here only as audio gRPC no longer
+takes: the bridge fails once ``stall_seconds`` of it wait in its queue, which happens
+``64 KiB`` of audio after the detector stopped, the read-ahead its transport grants a stream
+(``server/app.py`` keeps it there: with grpc's default BDP probing it grew to 4 MiB, 262 s
+of 8 kHz audio, and a stalled detector went unnoticed for minutes). Note the grpcio
 asyncio bug the SDK documents (grpc/grpc#36066): a status the server sends while we are still
 writing can surface as INTERNAL "Internal error from Core" (so INTERNAL counts as a lost
 stream, and the logged code is not always the server's own).
@@ -55,13 +61,6 @@ RETRY_PAUSE_SECONDS = 0.5  # between a lost stream and the next attempt
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
                        grpc.StatusCode.DEADLINE_EXCEEDED})
 ForwardObserver = Callable[[str, float], None]
-
-
-def forward_metric(plugin: str, seconds: float) -> None:
-    """A frame's added latency, read off the platform socket -> handed to the gRPC stream."""
-    metrics.FORWARD_SECONDS.labels(plugin).observe(seconds)
-
-
 FailureHook = Callable[[str], Awaitable[None]]
 
 
@@ -80,7 +79,7 @@ class DetectorLink:
     stall_seconds: float = STALL_SECONDS
     finish_seconds: float = FINISH_SECONDS
     reconnect_seconds: float = RECONNECT_SECONDS
-    observe_forward: ForwardObserver = forward_metric  # each frame's (plugin, added delay)
+    observe_forward: ForwardObserver = metrics.observe_forward  # each frame's (plugin, delay)
     deliveries: Deliveries = field(init=False)
     _client: AsyncDetectionClient | None = None
     _streams: set[asyncio.Task[None]] = field(default_factory=set)
@@ -161,36 +160,39 @@ def merge_segments(call_id: str, segments: list[_Segment]) -> pb.StreamSummary |
         windows_scored=sum(s.summary.windows_scored for s in segments if s.summary))
 
 
+@dataclass(eq=False)
 class CallBridge:
     """One platform connection's detection streams (one, unless the detector restarts)."""
 
-    def __init__(
-        self, detector: DetectorLink, plugin: str, call_id: str, fmt: AudioFormat,
-        deliver: AlertSink | None, on_failure: FailureHook, extra: dict[str, str],
-    ) -> None:
-        self.detector = detector
-        self.plugin = plugin
-        self.call_id = call_id
-        self.format = fmt
-        self.deliver = deliver
-        self.on_failure = on_failure
-        self.extra = extra
-        self.alerts: list[SpoofAlert] = []
-        self.summary: pb.StreamSummary | None = None
-        self.failed: str | None = None
-        self.gaps: list[tuple[float, float]] = []  # call time no detector heard
-        self._segments: list[_Segment] = []
-        self._alerted: set[str] = set()
-        self._fed = 0  # bytes the platform gave us: call time
-        self._sent = 0  # bytes handed to streams, or dropped in a gap
-        self._dropping = False  # between a lost stream and the next one
-        max_bytes = int(detector.stall_seconds * fmt.bytes_per_second())
-        self._buffered = 0
-        self._max_buffered = max(max_bytes, 1)
-        self._queue: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self.log = structlog.get_logger("callshield.plugins").bind(plugin=plugin, call_id=call_id)
+    detector: DetectorLink
+    plugin: str
+    call_id: str
+    format: AudioFormat
+    deliver: AlertSink | None
+    on_failure: FailureHook
+    extra: dict[str, str]
+    alerts: list[SpoofAlert] = field(init=False, default_factory=list)
+    summary: pb.StreamSummary | None = field(init=False, default=None)
+    failed: str | None = field(init=False, default=None)
+    gaps: list[tuple[float, float]] = field(init=False, default_factory=list)  # none heard
+    _segments: list[_Segment] = field(init=False, default_factory=list)
+    _alerted: set[str] = field(init=False, default_factory=set)
+    _fed: int = field(init=False, default=0)  # bytes the platform gave us: call time
+    _sent: int = field(init=False, default=0)  # bytes handed to streams, or dropped in a gap
+    _dropping: bool = field(init=False, default=False)  # between a lost stream and the next
+    _buffered: int = field(init=False, default=0)  # bytes queued, not yet taken by gRPC
+    _queue: asyncio.Queue[tuple[bytes, float] | None] = field(init=False,
+                                                              default_factory=asyncio.Queue)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _closing: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        # the stall bound: what this bridge holds for a detector that stopped reading (the
+        # detector's transport reads 64 KiB ahead on top: server/app.py)
+        self._max_buffered = max(int(self.detector.stall_seconds
+                                     * self.format.bytes_per_second()), 1)
+        self.log = structlog.get_logger("callshield.plugins").bind(plugin=self.plugin,
+                                                                   call_id=self.call_id)
 
     def start(self) -> None:
         metrics.CALLS.labels(self.plugin).inc()
@@ -396,20 +398,3 @@ class CallBridge:
         self.log.warning("spoof alert", speaker=spoof.speaker,
                          spoof_probability=round(spoof.spoof_probability, 3))
         self.detector.deliveries.alert(spoof, self.deliver, self.log)
-
-
-def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``":9092"``, ``"9092"`` or ``"host:9092"`` -> (host, port). A bare port binds the
-    loopback interface: a listener reachable from other machines (AudioSocket has no
-    authentication) is something an operator writes out, e.g. ``0.0.0.0:9092``."""
-    host, _, port = value.rpartition(":")
-    return host or default_host, int(port)
-
-
-def parse_listen_path(value: str, default_host: str = "127.0.0.1") -> tuple[str, int, str]:
-    """``":8080/twilio"`` or ``"host:8080/twilio"`` -> (host, port, "/twilio")."""
-    hostport, slash, path = value.partition("/")
-    host, port = parse_hostport(hostport, default_host)
-    return host, port, "/" + path if slash else "/"
-
-

@@ -1,14 +1,16 @@
 """The development stack, written once: free ports, a private redis-server (installed when it is
 missing and we are root), Redis workers, the server (as a process, or in this process), used by
 the tests (``tests/conftest.py``, ``tests/service_fixtures.py``), the benches (``bench/``) and
-``make run-redis`` (``python -m server.devstack``).
+``make run-redis`` (``python -m devstack``).
 
-Why in ``server/``: everything it starts is the server's own (``python -m server``,
-``python -m server.worker``) or the Redis that the server's queue talks to, and it reads the
-queue's key layout (:class:`RedisKeys`) to tell when a worker is alive. The tests and the
-benches both depend on ``server`` already, and ``server`` on neither: under ``tests/`` the
-benches would import the tests, under ``bench/`` the tests and ``make run-redis`` would import
-the benchmarks. (``callshield/`` holds only the generated API stubs the client SDK ships.)
+Why a top-level package of its own, outside ``server/``: it is a developer harness (it may run
+``apt-get`` for a missing redis-server and knows ``../shared`` beside the checkout), so it must
+not ship in the wheel, which packages ``server`` (``pyproject.toml`` lists the packages it
+carries; ``tests/test_wheel.py`` checks that this one is not among them). It depends on
+``server`` (everything it starts is ``python -m server`` or ``python -m server.worker``, and it
+reads the queue's key layout, :class:`RedisKeys`, to tell when a worker is alive); the tests,
+the benches and ``make run-redis`` depend on it, and it on none of them: under ``tests/`` the
+benches would import the tests, under ``bench/`` the tests would import the benchmarks.
 
 Nothing here is imported by the running service; heavy imports (gRPC, the app, the model) stay
 inside the functions that need them.
@@ -342,7 +344,7 @@ class Stack:
 def main(argv: Sequence[str] | None = None) -> None:
     """``make run-redis``: a private redis-server, workers and the server with the Redis queue,
     in the foreground; Ctrl-C (or SIGTERM) stops every one of them, server first."""
-    p = argparse.ArgumentParser(prog="python -m server.devstack", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m devstack", description=main.__doc__)
     p.add_argument("--listen", default="127.0.0.1:50051")
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto", help="the workers' device")
@@ -361,6 +363,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         finally:
             stack.stop()
 
-
-if __name__ == "__main__":
-    main()

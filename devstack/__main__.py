@@ -1,0 +1,5 @@
+"""``python -m devstack`` (``make run-redis``): the Redis stack in the foreground."""
+
+from devstack import main
+
+main()
