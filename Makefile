@@ -127,7 +127,7 @@ vocode-extra: install ## vocoded copies of the extra bona fide train clips -> ru
 train-vocoder: install ## train the 8 kHz Vocos-style vocoder on the corpus' train bona fide (resumable, 1 thread; exports models/vocoders/checkpoints/vocos8k.pt)
 	$(PY) -m models train-vocoder models/configs/vocoder_vocos8k.yaml
 
-train-gpu: ## on a CUDA machine: vocode, then full-scale rawnet2-voc and rawnet2 LOSO folds ($$OUT)
+train-gpu: ## on a CUDA machine: vocode, the default's LCNN parts' LOSO folds, the calls estimate in full mode ($$OUT)
 	bash scripts/train-gpu.sh
 
 train-baselines: install ## train the LFCC+GMM baseline (lfcc-gmm, a part of the default too), calibrated on its LOSO scores

@@ -686,7 +686,8 @@ def run(args: argparse.Namespace) -> int:
     root = corpus_root()
     systems = spoof_systems(ASVspoofSplit(root, "train").trials())
     modes = list(CUT_MODES if args.stream else CUT_MODES[:1])
-    detectors, info = fold_detectors(systems, plan, root, args.cache, args.prior)
+    detectors, info = fold_detectors(systems, plan, root, args.cache, args.prior,
+                                     args.loso_runs)
     # One file per call: a call is the same bytes in every plan that has it (its draw is
     # keyed by engine or group and index), so a larger plan or an interrupted run goes on
     # from the calls already scored. The key names everything a call's scores depend on.
@@ -778,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra", type=Path, default=EXTRA, help="Speech Commands folder")
     parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--loso-runs", type=Path, default=LOSO_RUNS,
+                        help="fold runs of the LCNN parts (<recipe>/<T>/model.pt), as "
+                        "`python -m bench.generalization train-folds --runs DIR` writes them")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return run(parser.parse_args(argv))
 

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# `make train-gpu`: the most valuable GPU work of the generalization issue in one run, sized
-# for about 8 minutes on one H100/H200 with 16 CPU cores:
-#   1. vocoded training data (HiFi-GAN on the GPU; about 12 minutes on a 2-core CPU);
-#   2. the leave-one-system-out folds of `rawnet2-voc` at full scale (every training trial,
-#      12 epochs), six folds in parallel processes (each step is resumable: run the script
-#      again to finish it). The `lcnn-voc` folds, once here, were trained on the CPU and are
-#      committed (bench/results/loso/lcnn-voc/);
-#   3. the same for the plain `rawnet2`, if time is left;
+# `make train-gpu`: the most valuable GPU work of the detection issue in one run, sized for
+# about 10 minutes on one H100/H200 with 16 CPU cores (each step is resumable: run the script
+# again to finish it):
+#   1. vocoded training data (HiFi-GAN on the GPU; hours on a 2-core CPU), which the
+#      `lcnn-voc` part trains on;
+#   2. the leave-one-system-out folds of the default's three LCNN parts (`lcnn`, `lcnn-s1`,
+#      `lcnn-voc`) at full scale, six folds in parallel processes per part: the fold
+#      checkpoints the calls estimate needs for the whole default (on the CPU, without them,
+#      it falls back to the default's GMM parts);
+#   3. the calls estimate in full mode with those folds (`bench.calls --mode full`);
 #   4. the LOSO report over every recipe.
-# Results land under $OUT (default runs/gpu): fold scores and logs, the LOSO report. Bring
-# them back, then `python -m bench.generalization export-folds --runs $OUT/loso` commits the
-# fold scores and `make train` ships a recipe that LOSO prefers.
+# Results land under $OUT (default runs/gpu): fold runs, logs, calls.{json,md}, the LOSO
+# report. Bring them back; `python -m bench.generalization export-folds --runs $OUT/loso`
+# commits the fold scores.
 #
 # Needs a machine where `make install` has run (.venv) and ../shared/corpus beside the
 # checkout.
@@ -41,6 +43,9 @@ folds() {  # recipe, then extra train-folds flags: one process per held-out engi
     cat "$OUT"/logs/"$recipe"-*.log | grep "EER" || true
     return $failed
 }
-folds rawnet2-voc --fold-limit 0 --fold-epochs 12
-folds rawnet2 --fold-limit 0 --fold-epochs 12
+folds lcnn
+folds lcnn-s1
+folds lcnn-voc
+"$PY" -m bench.calls --mode full --loso-runs "$OUT/loso" --threads 4 --out "$OUT" \
+    | tee "$OUT/calls.log"
 "$PY" -m bench.generalization report --mode full --loso-dir "$OUT/loso" | tee "$OUT/generalization.md"

@@ -102,3 +102,19 @@ def test_a_spoof_call_gives_the_alert_a_server_session_gives() -> None:
     alerts = asyncio.run(session_alerts())
     assert set(alerts) == {synthetic}
     assert alerts[synthetic] - call.first_synthetic == pytest.approx(out["delay_s"], abs=0.011)
+
+
+def test_the_gpu_script_trains_the_folds_of_the_default_s_neural_parts() -> None:
+    """`make train-gpu` (one short lent GPU run) must train exactly the folds that the calls
+    estimate in full mode needs, the default's LCNN parts, and hand them to it: a default
+    whose parts change and a script that still trains the old ones disagree here."""
+    import re
+
+    from models.tasks.recipes import SHIPPED_RECIPES
+    from tests.paths import REPO
+
+    script = (REPO / "scripts" / "train-gpu.sh").read_text()
+    trained = set(re.findall(r"^folds (\S+)", script, flags=re.M))
+    assert trained == set(SHIPPED_RECIPES)
+    assert re.search(r"-m bench\.calls --mode full --loso-runs \"\$OUT/loso\"", script)
+    assert "--runs \"$OUT/loso\"" in script
