@@ -117,15 +117,17 @@ EXTRA_BONAFIDE := ../shared/extra-bonafide/speech-commands
 VOCODE_EXTRA := $(PY) -m models vocode --protocol $(EXTRA_BONAFIDE)/bonafide.train.txt \
 	--audio-dir $(EXTRA_BONAFIDE)/flac --threads 1 --quiet
 # Each half of the Speech Commands train clips through one HiFi-GAN (one process each, about
-# 1 s per second of audio on one core), then all of them through vocos-8k (minutes); resumable
-vocode-extra: install ## vocoded copies of the extra bona fide train clips -> runs/vocoded/sc-train{,-b,-vocos}
+# 1 s per second of audio on one core), then all of them through vocos-8k and nsf-8k (minutes each); resumable
+vocode-extra: install ## vocoded copies of the extra bona fide train clips -> runs/vocoded/sc-train{,-b,-vocos,-nsf}
 	$(VOCODE_EXTRA) --shard 0/2 --vocoder hifigan-universal --out runs/vocoded/sc-train & a=$$!; \
 	$(VOCODE_EXTRA) --shard 1/2 --vocoder hifigan-lj --out runs/vocoded/sc-train-b & b=$$!; \
 	wait $$a && wait $$b
 	$(VOCODE_EXTRA) --vocoder vocos-8k --out runs/vocoded/sc-train-vocos
+	$(VOCODE_EXTRA) --vocoder nsf-8k --out runs/vocoded/sc-train-nsf
 
-train-vocoder: install ## train the 8 kHz Vocos-style vocoder on the corpus' train bona fide (resumable, 1 thread; exports models/vocoders/checkpoints/vocos8k.pt)
+train-vocoder: install ## train the 8 kHz Vocos-style and NSF vocoders on the corpus' train bona fide (resumable, 1 thread; exports models/vocoders/checkpoints/{vocos8k,nsf8k}.pt)
 	$(PY) -m models train-vocoder models/configs/vocoder_vocos8k.yaml
+	$(PY) -m models train-vocoder models/configs/vocoder_nsf8k.yaml
 
 train-gpu: ## on a CUDA machine: vocode, the default's LCNN parts' LOSO folds, the calls estimate in full mode ($$OUT)
 	bash scripts/train-gpu.sh

@@ -20,14 +20,13 @@ from __future__ import annotations
 import csv
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import command, page, write_results
+from bench import command, page, prose, start, write_results
 from models.tasks.config import REPO_ROOT
 
 EXTRA = REPO_ROOT.parent / "shared" / "extra-bonafide" / "speech-commands"
@@ -83,6 +82,13 @@ def evaluate(model: str | Path, threads: int) -> dict[str, Any]:
     }
 
 
+ADAPTED = """Adapted on the Speech Commands train speakers as the operator's callers
+({fit_speakers} fitted, {check_speakers} kept apart), target {target} % false alarms, copies
+through {vocoders} ({max_vocoded_seconds:.0f} s each); on the kept-apart callers:
+{false_alarms_before} % -> {false_alarms_after} % of windows flagged, copies missed
+{missed_before} % -> {missed_after} %. {seconds:.0f} s."""
+
+
 def markdown(payload: dict[str, Any]) -> str:
     before, after = payload["before"], payload["after"]
     systems = list(before["corpus_dev_spoof_missed"])
@@ -102,14 +108,12 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{pct(before['corpus_dev_spoof_missed'][s])} % | "
                      f"{pct(after['corpus_dev_spoof_missed'][s])} % |")
     fit = payload["adapt"]
-    return page(lines, f"Adapted on the Speech Commands train speakers as the operator's callers "
-              f"({fit['recordings']['fit_speakers']} fitted, {fit['recordings']['check_speakers']}"
-              f" kept apart), target {pct(fit['target_false_alarms'])} % false alarms, copies "
-              f"through {', '.join(fit['vocoders'])} ({fit['max_vocoded_seconds']:.0f} s each); "
-              f"on the kept-apart callers: {pct(fit['before']['false_alarms_check'])} % -> "
-              f"{pct(fit['after']['false_alarms_check'])} % of windows flagged, copies missed "
-              f"{pct(fit['before']['miss_copies'])} % -> {pct(fit['after']['miss_copies'])} %. "
-              f"{payload['seconds']:.0f} s.")
+    return page(lines, prose(ADAPTED, {
+        **fit["recordings"], "seconds": payload["seconds"],
+        "target": pct(fit["target_false_alarms"]), "vocoders": ", ".join(fit["vocoders"]),
+        "max_vocoded_seconds": fit["max_vocoded_seconds"],
+        **{f"{k}_{when}": pct(fit[when][key]) for when in ("before", "after")
+           for k, key in (("false_alarms", "false_alarms_check"), ("missed", "miss_copies"))}}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "adapt" / "operator.pt"))
     args = parser.parse_args(argv)
-    import torch
-
     from models.tasks.adapt import adapt_checkpoint
 
-    torch.set_num_threads(args.threads)
-    began = time.time()
+    clock = start(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         report = adapt_checkpoint(args.model, args.out,
                                   bonafide=operator_folder(Path(tmp) / "callers"),
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                   max_vocoded_seconds=args.max_vocoded_seconds)
     payload = {"adapt": report, "before": evaluate(args.model, args.threads),
                "after": evaluate(args.out, args.threads)}
-    payload["seconds"] = round(time.time() - began, 1)
+    payload["seconds"] = clock.seconds()
     write_results("adapt", payload, markdown(payload))
     return 0
 

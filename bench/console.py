@@ -44,7 +44,8 @@ from bench.service.audio import AudioPool
 from bench.service.driver import PATTERNS, Run, pct, trial, warm_up
 from bench.service.report import machine
 from bench.service.stack import make_stack
-from devstack import ROOT, Stack, child_env, free_port
+from devstack import ROOT, ChromiumMissing, Stack, child_env, free_port
+from devstack import chromium as headless_chromium
 
 RESULTS = ROOT / "bench" / "results"
 EXAMPLES = ROOT / "examples"
@@ -144,26 +145,12 @@ class ConsoleProcess:
 
 @contextmanager
 def chromium(width: int = 1280, height: int = 1000) -> Iterator[Any]:
-    """Headless Debian chromium driven by Selenium (as ``tests/test_console.py``)."""
-    path, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (path and driver_path):
-        raise SystemExit("needs Debian's chromium and chromium-driver "
-                         "(scripts/install-system.sh installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = path
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
-                "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_page_load_timeout(60)
+    """The devstack's headless chromium; a missing browser ends the bench with its reason."""
     try:
-        yield driver
-    finally:
-        driver.quit()
+        with headless_chromium(width, height) as driver:
+            yield driver
+    except ChromiumMissing as e:
+        raise SystemExit(str(e)) from None
 
 
 def log_in(driver: Any, console: ConsoleProcess) -> None:

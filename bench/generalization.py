@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import page
+from bench import RAN, page, prose, start
 from models.data.asvspoof import ASVspoofSplit, Trial, read_protocol
 from models.tasks.config import REPO_ROOT, TrainConfig
 from models.tasks.loso import (
@@ -202,10 +202,7 @@ def export_folds(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    began = time.time()
+    clock = start(args.threads)
     root = corpus_root()
     train = ASVspoofSplit(root, "train").trials()
     dev = ASVspoofSplit(root, "dev").trials()
@@ -273,7 +270,7 @@ def run_report(args: argparse.Namespace) -> int:
     reports = [report(name, folds, dur, notes=notes.get(name, ""))
                for name, folds in results.items()]
     payload = {
-        "mode": args.mode, "seconds": round(time.time() - began, 1), "systems": systems,
+        "mode": args.mode, "seconds": clock.seconds(), "systems": systems,
         "threshold": 0.5, "recipes": [r.to_json() for r in reports],
         "fusion_weights": {c: fusion_weights({n: complete[n] for n in c.split("+")})
                            for c in args.fuse if parse_fusion(c)[1] is None
@@ -288,6 +285,13 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}"
+
+
+FALSE_ALARMS = """False alarms: dev bona fide trials whose spoof probability reaches the service's
+alert threshold (0.5), under a calibration fitted on the pooled LOSO scores with a bona fide prior
+of {prior} (`python -m models ship`'s default, as lfcc-gmm and the default's parts ship; the
+Makefile ships the default model at 0.92); digits are trials under 1 s. Misses at that threshold,
+per held-out engine, are in the JSON. """ + RAN
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -305,17 +309,7 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {r['recipe']} | " + " | ".join(per) + f" | {_pct(r['pooled_eer'])} | "
                      f"{_pct(r['worst_engine_eer'])} | {_pct(fa['digits'])} / "
                      f"{_pct(fa['sentences'])} | {r['notes']} |")
-    lines += [
-        "",
-        "False alarms: dev bona fide trials whose spoof probability reaches the service's "
-        "alert threshold (0.5), under a calibration fitted on the pooled LOSO scores with a "
-        f"bona fide prior of {BONAFIDE_PRIOR} (`python -m models ship`'s default, as lfcc-gmm "
-        "and the default's parts ship; the Makefile ships the default model at 0.92); digits "
-        "are trials "
-        "under 1 s. Misses at that threshold, per held-out engine, are in the JSON. "
-        f"Mode `{payload['mode']}`, {payload['seconds']:.0f} s.",
-    ]
-    return page(lines)
+    return page(lines, prose(FALSE_ALARMS, {**payload, "prior": BONAFIDE_PRIOR}))
 
 
 def main(argv: list[str] | None = None) -> int:

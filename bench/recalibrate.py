@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import page
+from bench import page, prose
 
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
@@ -357,6 +357,13 @@ GROUPS = (("genuine/held-out", "genuine, speakers never labelled"),
           ("spoof/labelled", "spoof, labelled confirmed fraud"))
 
 
+METHOD = """A call is flagged when the server alerted on it. Path: {path}. Genuine calls: the 47
+Speech Commands dev speakers' words with 0.5 s pauses, all of a speaker's words in one call, or
+calls of a few answers; spoof calls: simulated conversations with a spoof voice (corpus dev
+voices). MIXED with diarization off, so a spoof call's one lane also holds its genuine party.
+{seconds} s in all on {machine[cores]} shared cores ({machine[cpu]}), {date}."""
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = ["### Recalibration from analyst verdicts (issue 30 acceptance)", ""]
     for name, sc in r["scenarios"].items():
@@ -392,13 +399,7 @@ def markdown(r: dict[str, Any]) -> str:
                 lines.append(f"| {title} ({rp['calls'][key]}) | "
                              + " | ".join(str(n) for n in rp["flagged"][key]) + " |")
         lines.append("")
-    lines.append(
-        f"A call is flagged when the server alerted on it. Path: {r['path']}. Genuine "
-        f"calls: the 47 Speech Commands dev speakers' words with 0.5 s pauses, all of a "
-        f"speaker's words in one call, or calls of a few answers; spoof calls: simulated "
-        f"conversations with a spoof voice (corpus dev voices). MIXED with diarization off, "
-        f"so a spoof call's one lane also holds its genuine party. {r['seconds']} s in all on "
-        f"{r['machine']['cores']} shared cores ({r['machine']['cpu']}), {r['date']}.")
+    lines.append(prose(METHOD, r))
     return page(lines)
 
 

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from bench import command, page, write_results
+from bench import command, page, prose, start, write_results
 from bench.newcallers import DEFAULT_PRIOR, bonafide_clips
 from models.tasks.config import REPO_ROOT
 
 VOCODED = REPO_ROOT / "runs" / "vocoded"
 #: system id -> family
-FAMILIES = {"V01": "hifigan", "V02": "hifigan", "V03": "vocos"}
+FAMILIES = {"V01": "hifigan", "V02": "hifigan", "V03": "vocos", "V04": "nsf"}
 
 
 def copies_by_family(root: Path = VOCODED) -> dict[str, list[tuple[str, Path]]]:
@@ -47,8 +46,6 @@ def copies_by_family(root: Path = VOCODED) -> dict[str, list[tuple[str, Path]]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from bench.newcallers import _fit_gmm
     from models.data.asvspoof import ASVspoofSplit, audio_path
     from models.data.audio import load_audio, repeat_pad
@@ -56,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from models.tasks.loso import loso_calibration, spoof_systems
     from models.tasks.recipes import GMM_RECIPES, corpus_root, recipe_folds
 
-    torch.set_num_threads(args.threads)
-    began = time.time()
+    clock = start(args.threads)
     root = corpus_root()
     clips = {c.utt_id: c for c in bonafide_clips(root)}
     families = copies_by_family()
@@ -94,9 +90,14 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
     payload = {"threshold": 0.5, "prior": args.prior, "rows": rows, "skipped": skipped,
                "families": {f: len(v) for f, v in families.items()},
-               "seconds": round(time.time() - began, 1)}
+               "seconds": clock.seconds()}
     write_results("vocoder-held-out", payload, markdown(payload))
     return 0
+
+
+CALIBRATION = """Copies per family: {families}; families without copies: {skipped}. Calibration:
+the recipe's LOSO calibration at bona fide prior {prior}, anchored on the fold's corpus dev bona
+fide. {seconds:.0f} s."""
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -108,10 +109,8 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{100 * r['missed']:.1f} | {r['trained_on_other_copies']} |")
     if not payload["rows"]:
         lines.append("| (fewer than two vocoder families have copies here) | | | | |")
-    return page(lines, f"Copies per family: {payload['families']}; families without copies: "
-              f"{', '.join(payload['skipped']) or 'none'}. Calibration: the recipe's LOSO "
-              f"calibration at bona fide prior {payload['prior']}, anchored on the fold's "
-              f"corpus dev bona fide. {payload['seconds']:.0f} s.")
+    return page(lines, prose(CALIBRATION, {**payload,
+                                           "skipped": ", ".join(payload["skipped"]) or "none"}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,36 @@ async def serving(detector: Detector, inference_queue: InferenceQueue | None = N
         await running.stop(0)
 
 
+class ChromiumMissing(StackError):
+    """Debian's chromium and chromium-driver are not installed."""
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1280, height: int = 1000, *,
+             page_load_timeout: float = 60.0) -> Iterator[Any]:
+    """Headless Debian chromium driven by Selenium: the real browser behind the console's
+    tests and ``make bench-console``, set up once so both see the same page."""
+    path, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (path and driver_path):
+        raise ChromiumMissing("needs Debian's chromium and chromium-driver "
+                              "(scripts/install-system.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = path
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
+                "--hide-scrollbars"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(page_load_timeout)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
 def noise_pcm(seconds: float, rate: int = 8000, channels: int = 1, seed: int = 0) -> np.ndarray:
     """int16 ``(frames, channels)`` noise at about -20 dBFS: loud enough for the server's
     energy gate to count as speech, so a stack driven with it scores every window."""

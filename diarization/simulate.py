@@ -43,6 +43,14 @@ CHANNEL = {  # milder than the countermeasure's training channel: real calls, no
     "rawboost_isd": {"p": 0.0},
     "rawboost_ssi": {"p": 0.1, "snr_db": [25, 45]},
 }
+# Bumped whenever the same seed and configuration draw different calls, so that what was
+# computed from earlier draws (the calls estimate's scored calls) is not taken for them.
+# 2: overlaps bounded by the previous turn, back-channel labelled by its speaker.
+VERSION = 2
+# An overlap reaches back at most this share of the previous turn: the next party cuts in
+# before the turn ends, never before it began (a turn of one short word would otherwise put
+# the next before it, or before the call's start), and every turn still moves the clock on.
+OVERLAP_REACH = 0.5
 log = structlog.get_logger("callshield.diarization.simulate")
 
 
@@ -68,6 +76,24 @@ class SimConfig:
     level_dbfs: tuple[float, float] = (-30.0, -18.0)
     snr_db: tuple[float, float] = (25.0, 50.0)
 
+    def __post_init__(self) -> None:
+        # The turn loop only ends because every turn moves the clock forward: a negative gap
+        # or pause, an endless call or a turn of no utterances would undo that, so such a
+        # configuration is refused here rather than hanging the simulation.
+        if not 0 < self.min_seconds <= self.max_seconds < float("inf"):
+            raise ValueError(f"call length: need 0 < min <= max < inf, got "
+                             f"{self.min_seconds}..{self.max_seconds}")
+        if not 1 <= self.utterances_per_turn[0] <= self.utterances_per_turn[1]:
+            raise ValueError(f"utterances_per_turn: need 1 <= lo <= hi, got "
+                             f"{self.utterances_per_turn}")
+        for name in ("pause_in_turn", "gap_between_turns", "overlap"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi < float("inf"):
+                raise ValueError(f"{name}: need 0 <= lo <= hi < inf, got {(lo, hi)}")
+        for name in ("overlap_probability", "backchannel_probability", "takeover_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: a probability, got {getattr(self, name)}")
+
 
 def _rng(seed: int, subset: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(subset.encode()), index])
@@ -92,6 +118,10 @@ class Simulator:
             self._cache[utt.path] = load_audio(utt.path, SAMPLE_RATE)
         return self._cache[utt.path]
 
+    def _label(self, voice: str) -> str:
+        """A voice's truth, whatever it says: its turns and its back-channel alike."""
+        return "spoof" if self.voices[voice][0].label == "spoof" else "bonafide"
+
     def _turn(self, voice: str, rng: np.random.Generator) -> list[np.ndarray]:
         lo, hi = self.config.utterances_per_turn
         pool = self.voices[voice]
@@ -114,7 +144,8 @@ class Simulator:
             if party == "B" and takeover_at is not None and t >= takeover_at:
                 parties["B"] = str(c_voice)
             voice = parties[party]
-            label = "spoof" if self.voices[voice][0].label == "spoof" else "bonafide"
+            label = self._label(voice)
+            began = t
             for i, wave in enumerate(self._turn(voice, rng)):
                 if i:
                     t += rng.uniform(*c.pause_in_turn)
@@ -131,11 +162,14 @@ class Simulator:
                 bc = rng.uniform(turn_start, max(turn_start, t - 0.5))
                 placed.append((int(bc * SAMPLE_RATE), _level(wave, levels[other]),
                                Segment(bc, bc + wave.shape[0] / SAMPLE_RATE,
-                                       parties[other], "bonafide")))
+                                       parties[other], self._label(parties[other]))))
             if rng.random() < c.overlap_probability:
-                t -= rng.uniform(*c.overlap)
+                t = max(t - rng.uniform(*c.overlap), t - OVERLAP_REACH * (t - began))
             else:
                 t += rng.uniform(*c.gap_between_turns)
+            # a turn of empty recordings has no length to move on by: one sample, so the loop
+            # ends whatever the audio
+            t = max(t, began + 1 / SAMPLE_RATE)
             party = other
         total = max(s + w.shape[0] for s, w, _ in placed) + int(rng.uniform(0.2, 1.0) * SAMPLE_RATE)
         mix = np.zeros(total, np.float32)

@@ -332,18 +332,27 @@ def extra_ref(v: Variant, data: Data) -> float | None:
     raise SystemExit(f"run the clean counterpart of {v} first")
 
 
+# One variant's row of the table: its per-engine EERs (``engines``), then the summary columns,
+# rates as percentages; the columns are the header's, in its order.
+ROW = ("| {name} | {engines} | **{pooled}** | {worst} | {eer_short} / {eer_long} | "
+       "{fa_eer_thr_digits} / {fa_eer_thr_sentences} | {fa_cal_digits} / {fa_cal_sentences} | "
+       "{seconds:.0f} |")
+RATES = ("pooled", "worst", "eer_short", "eer_long", "fa_eer_thr_digits", "fa_eer_thr_sentences",
+         "fa_cal_digits", "fa_cal_sentences")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     systems = sorted(rows[0]["per_engine"]) if rows else []
     lines = ["| variant | " + " | ".join(systems) + " | pooled | worst | EER short / long "
              "| FA@EER-thr digits / sentences | FA@cal0.5 digits / sentences | s |",
              "|---|" + "---|" * len(systems) + "---|---|---|---|---|---|"]
     for r in rows:
-        p = lambda x: f"{100 * x:.1f}"  # noqa: E731
-        lines.append(f"| {r['name']} | " + " | ".join(p(r["per_engine"][s]) for s in systems)
-                     + f" | **{p(r['pooled'])}** | {p(r['worst'])} | {p(r['eer_short'])} / "
-                     f"{p(r['eer_long'])} | {p(r['fa_eer_thr_digits'])} / "
-                     f"{p(r['fa_eer_thr_sentences'])} | {p(r['fa_cal_digits'])} / "
-                     f"{p(r['fa_cal_sentences'])} | {r['seconds']:.0f} |")
+        engines = " | ".join(_pct(r["per_engine"][s]) for s in systems)
+        lines.append(ROW.format_map({**r, **{k: _pct(r[k]) for k in RATES}, "engines": engines}))
     return page(lines)
 
 

@@ -24,8 +24,9 @@ from tests.paths import CORPUS, require
 
 
 def _constructed_call() -> SimCall:
-    # A genuine caller, a synthetic back-channel word the simulator labels "bonafide" (it
-    # labels every back-channel so), then the synthetic voice's own turn.
+    # A genuine caller, a synthetic back-channel word labelled "bonafide" (as the simulator
+    # labelled every back-channel before issue 28's fix), then the synthetic voice's own turn:
+    # the delay counts from the voice, whatever a segment's label says.
     segments = [Segment(0.5, 2.0, "caller", "bonafide"), Segment(2.4, 3.1, "agent", "bonafide"),
                 Segment(4.0, 6.0, "agent", "spoof")]
     return SimCall("c", "spoof", "T01", "T01", np.zeros(7 * RATE, np.float32), segments,

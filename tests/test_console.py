@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import shutil
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from client.audio import file_stream
 from client.sync import paced
 from console.app import ConsoleSettings, create_app
 from console.users import hash_password, load_users
-from devstack import free_port, serving
+from devstack import ChromiumMissing, chromium, free_port, serving
 from models.inference import Detector
 from tests.paths import missing
 from tests.service_fixtures import EXAMPLES
@@ -207,24 +206,11 @@ def finished_call(console: Console, s: requests.Session, call_id: str,
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        missing("chromium and chromium-driver are not installed "
-                "(scripts/install-system.sh installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_page_load_timeout(30)
     try:
-        yield driver
-    finally:
-        driver.quit()
+        with chromium(page_load_timeout=30) as driver:
+            yield driver
+    except ChromiumMissing as e:
+        missing(f"{e} for the console's browser tests")
 
 
 @contextmanager

@@ -143,7 +143,7 @@ class TrainedVocoder:
 
     def __init__(self, spec: VocoderSpec, device: str = "cpu",
                  checkpoint: str | Path | None = None) -> None:
-        from models.vocoders.vocos import load_generator
+        from models.vocoders.base import load_generator
 
         entry = TRAINED_VOCODERS[spec.name]
         generator, self.card = load_generator(checkpoint or repo_path(spec.weights),
@@ -326,7 +326,7 @@ def vocode(
     for choice in choices:
         path = choice.resolved
         if path is not None and not path.is_file():
-            from models.vocoders.vocos import VocoderNotFoundError
+            from models.vocoders.base import VocoderNotFoundError
 
             entry = TRAINED_VOCODERS[choice.spec.name]
             raise VocoderNotFoundError(

@@ -27,9 +27,11 @@ The adapted checkpoint records all of it in its card and loads anywhere a model 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,9 +44,13 @@ import torch
 from models.data.audio import AudioError, load_audio, repeat_pad
 from models.errors import ModelError
 from models.inference import Calibration, detector_from_state
+from models.tasks.options import MODEL, THREADS, command
+from models.tasks.vocoding import DEFAULT_VOCODER, vocoder_names
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 THRESHOLD = 0.5  # the service's alert threshold on the spoof probability
+TARGET_FALSE_ALARMS = 0.01  # share of the genuine fitting windows flagged at THRESHOLD
+MAX_VOCODED_SECONDS = 300.0  # genuine audio copied per vocoder
 
 
 class AdaptError(ModelError, ValueError):
@@ -158,9 +164,9 @@ def adapt(
     base: dict[str, Any],
     bonafide: str | Path,
     spoof: str | Path | None = None,
-    target_false_alarms: float = 0.01,
-    vocoders: Sequence[str] = ("hifigan-universal",),
-    max_vocoded_seconds: float = 300.0,
+    target_false_alarms: float = TARGET_FALSE_ALARMS,
+    vocoders: Sequence[str] = (DEFAULT_VOCODER,),
+    max_vocoded_seconds: float = MAX_VOCODED_SECONDS,
     check_share: float = 0.3,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The adapted checkpoint (a new state dict; ``base`` is left as it was) and its report."""
@@ -250,3 +256,37 @@ def adapt_checkpoint(base: str | Path, out: str | Path, **kwargs: Any) -> dict[s
     adapted, report = adapt(state, **kwargs)
     save_checkpoint(out, **{k: v for k, v in adapted.items() if k != "format"})
     return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    """fit a model to an operator's own genuine recordings (and fraud calls)
+
+    Vocoded copies of the operator's genuine speech as spoofs, the fusion's genuine reference
+    widened with it, and a threshold set for a target false-alarm rate on it; 30 % of the
+    speakers (first sub-folder, else file) are kept apart to check the result. Writes a
+    checkpoint the server loads by path, its card saying what it was fitted on
+    (models/tasks/adapt.py). --model is the model to adapt."""
+    torch.set_num_threads(args.threads)
+    report = adapt_checkpoint(args.model, args.out, bonafide=args.bonafide, spoof=args.spoof,
+                              target_false_alarms=args.target_false_alarms,
+                              vocoders=args.vocoder or [DEFAULT_VOCODER],
+                              max_vocoded_seconds=args.max_vocoded_seconds)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """``python -m models adapt``, for :func:`models.cli.build_parser`."""
+    p = command(sub, "adapt", _run, parents=[MODEL, THREADS])
+    p.add_argument("--bonafide", required=True,
+                   help="folder of genuine WAV/FLAC recordings, one sub-folder per caller")
+    p.add_argument("--spoof", help="folder of confirmed fraud recordings (optional)")
+    p.add_argument("--out", required=True, help="the adapted checkpoint")
+    p.add_argument("--target-false-alarms", type=float, default=TARGET_FALSE_ALARMS,
+                   help="share of genuine windows flagged at the service threshold")
+    p.add_argument("--vocoder", action="append", choices=sorted(vocoder_names()),
+                   help=f"vocoder(s) for the genuine speech's copies (default {DEFAULT_VOCODER}; "
+                   "repeatable)")
+    p.add_argument("--max-vocoded-seconds", type=float, default=MAX_VOCODED_SECONDS,
+                   help="seconds of genuine audio copied per vocoder")

@@ -41,10 +41,12 @@ missing: with fewer, one unusual caller moves the threshold for every line.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,8 @@ from typing import Any
 import numpy as np
 
 from models.errors import ModelError
-from models.verdicts import DEFAULT_RULE, make_rule
+from models.tasks.options import MODEL, command
+from models.verdicts import DEFAULT_RULE, RULES, make_rule
 
 FALSE_ALARM, CONFIRMED_FRAUD, UNSURE = "false_alarm", "confirmed_fraud", "unsure"
 MIN_FALSE_ALARMS = 20
@@ -372,3 +375,47 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"replayed alerts agree with the server's on {agree['agree']} of "
                  f"{agree['speakers']} labelled speakers")
     return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """recalibrate a model from the console's analyst verdicts
+
+    Refit the calibration offset, and with it the alert threshold of the operator's lines,
+    from the fraud desk's verdicts: the console database's window scores of every labelled
+    call are replayed through the server's verdict rule; false alarms raise the threshold
+    until at most --target-false-alarms of them would alert, confirmed fraud caught now stops
+    it before it would be missed. Refuses below --min-false-alarms / --min-confirmed-fraud
+    labels. Prints the false-alarm and miss rates before and after on the labels and writes
+    them into the new checkpoint's card (models/tasks/recalibrate.py). --model is the model
+    whose calls were labelled (a name, or a path such as a `models adapt` or earlier
+    `calibrate` output). The output is the operator's model: it may not lie in
+    models/checkpoints."""
+    report = recalibrate_checkpoint(
+        args.model, args.out, args.console_db, target_false_alarms=args.target_false_alarms,
+        min_false_alarms=args.min_false_alarms, min_confirmed_fraud=args.min_confirmed_fraud,
+        rule=args.verdict_rule, max_missed_fraud=args.max_missed_fraud)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(f"wrote {args.out}; serve it with --model {args.out}, or load it into a running "
+          "server with SIGHUP (same path) or the ReloadModel admin RPC", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """``python -m models calibrate``, for :func:`models.cli.build_parser`."""
+    p = command(sub, "calibrate", _run, parents=[MODEL])
+    p.add_argument("--console-db", required=True, metavar="URL",
+                   help="the console's database (sqlite:///callshield.db, or a SQLAlchemy URL)")
+    p.add_argument("--out", required=True, metavar="MODEL.pt", help="the operator's checkpoint")
+    p.add_argument("--target-false-alarms", type=float, default=0.0,
+                   help="share of the labelled false alarms that may still alert (default 0: "
+                   "none, unless clearing one would miss a confirmed fraud caught now)")
+    p.add_argument("--min-false-alarms", type=int, default=MIN_FALSE_ALARMS,
+                   help="refuse with fewer false-alarm verdicts than this")
+    p.add_argument("--min-confirmed-fraud", type=int, default=MIN_CONFIRMED_FRAUD,
+                   help="refuse with fewer confirmed-fraud verdicts (0: no fraud check)")
+    p.add_argument("--max-missed-fraud", type=int, default=0,
+                   help="confirmed frauds the model catches now that the new threshold may "
+                   "miss, to reach the false-alarm target (default 0)")
+    p.add_argument("--verdict-rule", choices=list(RULES), default=DEFAULT_RULE,
+                   help="the server's --verdict-rule")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -53,6 +53,7 @@ NEURAL_RECIPES = {
     "lcnn-hr": EXPERIMENT_CONFIGS / "lcnn_hr_tel.yaml",
     "lcnn-sam": EXPERIMENT_CONFIGS / "lcnn_sam_tel.yaml",
     "lcnn-s2": EXPERIMENT_CONFIGS / "lcnn_s2_tel.yaml",
+    "lcnn-sc-voc3": EXPERIMENT_CONFIGS / "lcnn_sc_voc3_tel.yaml",
 }
 #: the neural recipes whose committed folds calibrate the shipped default (its LCNN parts)
 SHIPPED_RECIPES = frozenset({"lcnn", "lcnn-s1", "lcnn-voc"})
@@ -60,7 +61,7 @@ SHIPPED_RECIPES = frozenset({"lcnn", "lcnn-s1", "lcnn-voc"})
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
 FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
               "lcnn-voc": (0, 12), "lcnn-voc-s1": (0, 12), "lcnn-hr": (0, 12), "lcnn-sam": (0, 12),
-              "lcnn-s1": (0, 12), "lcnn-s2": (0, 12)}
+              "lcnn-s1": (0, 12), "lcnn-s2": (0, 12), "lcnn-sc-voc3": (0, 6)}
 
 GMM_SIZES = {"reduced": {"n_components": 32, "max_frames_per_class": 20000},
              "full": {"n_components": 128, "max_frames_per_class": 50000}}

@@ -35,6 +35,7 @@ import numpy as np
 from models.errors import ModelError
 from models.tasks.config import REPO_ROOT
 from models.tasks.loso import BONAFIDE_PRIOR
+from models.tasks.options import THREADS, command
 from models.tasks.recipes import RUNS, SHIPPED_CONFIGS
 
 #: where ``make train`` keeps the default's parts before fusing them (regenerable scratch)
@@ -224,6 +225,11 @@ def unfuse(model: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def _ship(args: argparse.Namespace) -> int:
+    """calibrate a checkpoint on its recipe's LOSO scores (a release step)
+
+    Re-calibrate a trained checkpoint on its recipe's leave-one-system-out scores and record
+    the LOSO estimate and the false alarms at the service threshold in its card
+    (models/tasks/release.py). Needs the corpus and the recipe's folds."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -235,6 +241,11 @@ def _ship(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    """build a fused checkpoint from part checkpoints (a release step)
+
+    Score every part on the dev bona fide and write the fused checkpoint: bona-normal with
+    --weight (one per --part, in order), else logistic with weights fitted on the parts' LOSO
+    scores. Calibrate it afterwards with `ship`."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -251,55 +262,45 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _unfuse(args: argparse.Namespace) -> int:
+    """write the parts a fused checkpoint embeds, with their cards"""
     for path in unfuse(args.model, args.out):
         print(path)
     return 0
 
 
+#: where ``ship`` and ``fuse`` read the parts' leave-one-system-out folds
+LOSO_FOLDS = argparse.ArgumentParser(add_help=False)
+LOSO_FOLDS.add_argument("--mode", choices=["reduced", "full"], default="reduced",
+                        help="which GMM LOSO folds to read")
+LOSO_FOLDS.add_argument("--loso-dir", default=str(RUNS),
+                        help="fold runs read before the committed")
+
+
 def add_parsers(sub: Any) -> None:
     """The release subcommands of ``python -m models`` (:func:`models.cli.build_parser`)."""
-    p = sub.add_parser(
-        "ship", help="calibrate a checkpoint on its recipe's LOSO scores (a release step)",
-        description="Re-calibrate a trained checkpoint on its recipe's leave-one-system-out "
-        "scores and record the LOSO estimate and the false alarms at the service threshold "
-        "in its card (models/tasks/release.py). Needs the corpus and the recipe's folds.")
+    p = command(sub, "ship", _ship, parents=[LOSO_FOLDS, THREADS])
     p.add_argument("checkpoint")
     p.add_argument("--recipe", required=True,
                    help="a recipe (models/tasks/recipes.py), or parts joined by + for a fused "
                         "checkpoint (a=0.6+b=0.4: bona-normal with those weights)")
-    p.add_argument("--mode", choices=["reduced", "full"], default="reduced",
-                   help="which GMM LOSO folds to read")
     p.add_argument("--out", help="write here instead of over the checkpoint")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--prior", type=float, default=BONAFIDE_PRIOR,
                    help="bona fide prior of the calibration")
     p.add_argument("--fold-scale", default="", help="how the folds were trained (for the card)")
-    p.add_argument("--loso-dir", default=str(RUNS), help="fold runs read before the committed")
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=_ship)
 
-    p = sub.add_parser(
-        "fuse", help="build a fused checkpoint from part checkpoints (a release step)",
-        description="Score every part on the dev bona fide and write the fused checkpoint: "
-        "bona-normal with --weight (one per --part, in order), else logistic with weights "
-        "fitted on the parts' LOSO scores. Calibrate it afterwards with `ship`.")
+    p = command(sub, "fuse", _fuse, parents=[LOSO_FOLDS, THREADS])
     p.add_argument("--part", action="append", required=True, metavar="CHECKPOINT=RECIPE")
     p.add_argument("--weight", action="append", type=float,
                    help="one per --part: a bona-normal fusion with these weights")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="fusion")
     p.add_argument("--version", default="1")
-    p.add_argument("--mode", choices=["reduced", "full"], default="reduced")
-    p.add_argument("--loso-dir", default=str(RUNS))
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=_fuse)
 
-    p = sub.add_parser(
-        "unfuse", help="write the parts a fused checkpoint embeds, with their cards",
+    p = command(  # the description names the parts' folder, which a docstring cannot
+        sub, "unfuse", _unfuse,
         description="The package ships the fused default only; this regenerates its parts "
         f"(default folder {RELEASE_PARTS.relative_to(REPO_ROOT)}/, where `make train` keeps "
         "them) as checkpoints loadable by path, each with its card.")
     p.add_argument("model", nargs="?", default="default", help="a fused model's name or path")
     p.add_argument("--out", default=str(RELEASE_PARTS))
-    p.set_defaults(func=_unfuse)
-

@@ -3,6 +3,8 @@
 The registry below is the one place that says which trained vocoder a name means, where
 its shipped checkpoint lives, which config trains it and where that training runs;
 ``models.data.vocode`` lists these names beside the packaged HiFi-GAN generators.
+``ARCHITECTURES`` is the other half: which generator class a config's ``architecture`` (and
+an exported file's ``kind``) means, so that training and loading dispatch on it alike.
 
 Naming scheme of ``python -m models vocode --vocoder``: ``NAME`` uses the shipped
 checkpoint (``checkpoint`` below, written when a run's steps are all done);
@@ -29,6 +31,14 @@ class TrainedVocoder:
         return f"python -m models train-vocoder {self.config}"
 
 
+# The families: a config's ``architecture`` (and an exported file's ``kind``) -> the
+# generator class, as "module:Class" so that listing names does not import torch.
+ARCHITECTURES: dict[str, str] = {
+    "vocos": "models.vocoders.vocos:VocosGenerator",
+    "nsf": "models.vocoders.nsf:NsfGenerator",
+}
+
+
 def default_run_dir(config_name: str) -> str:
     """Where ``train-vocoder`` checkpoints a config named ``config_name`` (repo-relative)."""
     return f"runs/vocoders/{config_name}"
@@ -41,5 +51,9 @@ TRAINED_VOCODERS: dict[str, TrainedVocoder] = {
                        "models/configs/vocoder_vocos8k.yaml", default_run_dir("vocos8k"),
                        "Vocos-style iSTFT vocoder (ConvNeXt, STFT magnitude+phase), 8 kHz, "
                        "trained here on the train bona fide"),
+        TrainedVocoder("nsf-8k", "V04", "models/vocoders/checkpoints/nsf8k.pt",
+                       "models/configs/vocoder_nsf8k.yaml", default_run_dir("nsf8k"),
+                       "neural source-filter vocoder (F0-driven sine source, dilated-conv "
+                       "filter), 8 kHz, trained here on the train bona fide"),
     )
 }

@@ -33,6 +33,14 @@ from models.config_dict import dataclass_from_dict
 from models.data.asvspoof import audio_path, read_protocol
 from models.data.audio import AudioError
 from models.tasks.config import repo_path
+from models.vocoders.base import (
+    Generator,
+    MelParams,
+    VocoderConfigError,
+    build_generator,
+    generator_class,
+    save_generator,
+)
 from models.vocoders.losses import (
     PERIODS,
     STFT_RESOLUTIONS,
@@ -40,12 +48,6 @@ from models.vocoders.losses import (
     discriminator_loss,
     generator_losses,
     multi_resolution_stft_loss,
-)
-from models.vocoders.vocos import (
-    VocoderConfigError,
-    VocosGenerator,
-    VocosParams,
-    save_generator,
 )
 
 HELD_OUT = re.compile(r"(^|[._-])(dev|eval|test)([._-]|$)", re.IGNORECASE)
@@ -117,10 +119,9 @@ class VocoderTrainConfig:
             parts[key] = dataclass_from_dict(kind, raw.pop(key, None) or {},
                                              f"vocoder config {key}", VocoderConfigError)
         config = dataclass_from_dict(cls, raw | parts, "vocoder config", VocoderConfigError)
-        if config.architecture != "vocos":
-            raise VocoderConfigError(f"architecture {config.architecture!r}: only 'vocos' "
-                                     "is implemented")
-        VocosParams.from_dict(config.model)  # validates rate, sizes
+        # Dispatch through the registry: an unknown architecture or a bad model section
+        # is refused here, before any audio is read.
+        generator_class(config.architecture).params_class.from_dict(config.model)
         if not config.data.sources:
             raise VocoderConfigError("data.sources is empty: name the training bona fide")
         for source in config.data.sources:
@@ -139,8 +140,9 @@ class VocoderTrainConfig:
         return config
 
     @property
-    def params(self) -> VocosParams:
-        return VocosParams.from_dict(self.model)
+    def params(self) -> MelParams:
+        """The model section as its architecture's params."""
+        return generator_class(self.architecture).params_class.from_dict(self.model)
 
     @property
     def segment(self) -> int:
@@ -247,7 +249,7 @@ def learning_rate(config: VocoderTrainConfig, step: int) -> float:
 @dataclass
 class Trainer:
     config: VocoderTrainConfig
-    generator: VocosGenerator
+    generator: Generator
     discriminators: Discriminators | None
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer | None
@@ -256,7 +258,7 @@ class Trainer:
     @classmethod
     def create(cls, config: VocoderTrainConfig) -> Trainer:
         torch.manual_seed(config.optim.seed)
-        generator = VocosGenerator(config.params)
+        generator = build_generator(config.architecture, config.model)
         kinds = config.loss.discriminators
         discriminators = (Discriminators(
             periods=PERIODS if "period" in kinds else (),
@@ -391,7 +393,7 @@ def train_vocoder(
             return last
     card = {
         "name": config.name,
-        "architecture": "Vocos-style: log-mel -> ConvNeXt -> STFT magnitude+phase -> iSTFT",
+        "architecture": trainer.generator.summary,
         "params": asdict(config.params),
         "parameters": sum(p.numel() for p in trainer.generator.parameters()),
         "steps": trainer.step,
