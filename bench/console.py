@@ -147,7 +147,7 @@ class ConsoleProcess:
 def chromium(width: int = 1280, height: int = 1000) -> Iterator[Any]:
     """The devstack's headless chromium; a missing browser ends the bench with its reason."""
     try:
-        with headless_chromium(width, height) as driver:
+        with headless_chromium(width, height, hide_scrollbars=True) as driver:
             yield driver
     except ChromiumMissing as e:
         raise SystemExit(str(e)) from None

@@ -214,10 +214,11 @@ class ChromiumMissing(StackError):
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1280, height: int = 1000, *,
-             page_load_timeout: float = 60.0) -> Iterator[Any]:
+def chromium(width: int = 1280, height: int = 1000, *, page_load_timeout: float = 60.0,
+             hide_scrollbars: bool = False) -> Iterator[Any]:
     """Headless Debian chromium driven by Selenium: the real browser behind the console's
-    tests and ``make bench-console``, set up once so both see the same page."""
+    tests and ``make bench-console``, set up once so both see the same page
+    (``hide_scrollbars`` for screenshots only: it changes the page's layout width)."""
     path, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (path and driver_path):
         raise ChromiumMissing("needs Debian's chromium and chromium-driver "
@@ -229,7 +230,7 @@ def chromium(width: int = 1280, height: int = 1000, *,
     options.binary_location = path
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
-                "--hide-scrollbars"):
+                *(["--hide-scrollbars"] if hide_scrollbars else [])):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(page_load_timeout)

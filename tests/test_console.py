@@ -261,7 +261,11 @@ def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
         Select(browser.find_element(By.ID, "state-filter")).select_by_value("spoof")
         assert browser.find_element(By.XPATH, row_xpath).is_displayed()
 
-        browser.find_element(By.XPATH, row_xpath + "//a").click()
+        # Centred first: Selenium scrolls a link just into view, where the page's sticky
+        # header can cover it once the list has grown (rows arrive live).
+        link = browser.find_element(By.XPATH, row_xpath + "//a")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+        link.click()
         until(lambda d: d.find_elements(By.CSS_SELECTOR, "#timeline .alert-marker"),
               "the alert marker on the timeline")
         assert browser.find_elements(By.CSS_SELECTOR, "#timeline circle.window-score")
