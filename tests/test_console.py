@@ -226,7 +226,10 @@ def screenshot_on_failure(driver: Any, name: str) -> Iterator[None]:
 
 def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
         console: Console, browser: Any) -> None:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -261,11 +264,16 @@ def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
         Select(browser.find_element(By.ID, "state-filter")).select_by_value("spoof")
         assert browser.find_element(By.XPATH, row_xpath).is_displayed()
 
-        # Centred first: Selenium scrolls a link just into view, where the page's sticky
-        # header can cover it once the list has grown (rows arrive live).
-        link = browser.find_element(By.XPATH, row_xpath + "//a")
-        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
-        link.click()
+        # The list re-renders its rows as events arrive (and as the filter above changes):
+        # a click can land mid-render, on a row not yet laid out ("not clickable at point",
+        # seen under CI), which is "not yet", as a stale element is.
+        def open_call(d: Any) -> bool:
+            d.find_element(By.XPATH, row_xpath + "//a").click()
+            return True
+
+        WebDriverWait(browser, WAIT, poll_frequency=0.2, ignored_exceptions=(
+            StaleElementReferenceException, ElementClickInterceptedException),
+        ).until(open_call, "the call's page opened from the list")
         until(lambda d: d.find_elements(By.CSS_SELECTOR, "#timeline .alert-marker"),
               "the alert marker on the timeline")
         assert browser.find_elements(By.CSS_SELECTOR, "#timeline circle.window-score")
