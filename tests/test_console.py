@@ -228,6 +228,7 @@ def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
         console: Console, browser: Any) -> None:
     from selenium.common.exceptions import (
         ElementClickInterceptedException,
+        ElementNotInteractableException,
         StaleElementReferenceException,
     )
     from selenium.webdriver.common.by import By
@@ -266,13 +267,15 @@ def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
 
         # The list re-renders its rows as events arrive (and as the filter above changes):
         # a click can land mid-render, on a row not yet laid out ("not clickable at point",
-        # seen under CI), which is "not yet", as a stale element is.
+        # "element has zero size": seen in the full suite, where earlier tests' calls fill
+        # the list), which is "not yet", as a stale element is.
         def open_call(d: Any) -> bool:
-            d.find_element(By.XPATH, row_xpath + "//a").click()
+            d.find_element(By.XPATH, row_xpath + "/td[@class='call-id']/a").click()
             return True
 
         WebDriverWait(browser, WAIT, poll_frequency=0.2, ignored_exceptions=(
-            StaleElementReferenceException, ElementClickInterceptedException),
+            StaleElementReferenceException, ElementClickInterceptedException,
+            ElementNotInteractableException),
         ).until(open_call, "the call's page opened from the list")
         until(lambda d: d.find_elements(By.CSS_SELECTOR, "#timeline .alert-marker"),
               "the alert marker on the timeline")
