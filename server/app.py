@@ -41,6 +41,9 @@ HEALTH_POLL_SECONDS = 1.0
 # After the grace: streams ended by the server have this long to send their last results and
 # summary before whatever remains is cancelled
 DRAIN_SUMMARY_SECONDS = 5.0
+# Each step of a stop (the listener and its calls, then each queue) gets this long before the
+# next step runs anyway (RunningServer.stop)
+CLOSE_STEP_SECONDS = 10.0
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # Detect takes whole recordings
 # The transport's per-stream read-ahead stays at HTTP/2's 64 KiB: with grpc's BDP probing on
 # (its default) a stream that this server stops reading (a wedged process, a stream held back
@@ -78,10 +81,34 @@ class RunningServer:
                          open_detects=len(servicer.detects), open_calls=servicer.admitted)
                 servicer.end_calls()
                 await _wait(servicer.idle, DRAIN_SUMMARY_SECONDS)
-        await self.server.stop(0)
-        await self.queue.close()
-        for queue in self.pass_queues:
-            await queue.close()
+        # Each step is bounded, so that a stop always finishes and says what did not close. A
+        # handler still awaiting a window (a stream's summary waits for its windows) holds
+        # ``server.stop`` until the queue fails that window, and the queue closes after the
+        # server: closing the queues once the server is slow to stop releases such handlers.
+        stopping = asyncio.ensure_future(self.server.stop(0))
+        if not await _finished(stopping, CLOSE_STEP_SECONDS):
+            log.warning("server stop waits on open calls: closing the queues under them",
+                        open_streams=len(servicer.inputs), open_detects=len(servicer.detects),
+                        open_calls=servicer.admitted)
+        for queue in (self.queue, *self.pass_queues):
+            try:
+                async with asyncio.timeout(CLOSE_STEP_SECONDS):
+                    await queue.close()
+            except TimeoutError:
+                log.error("queue did not close", queue=type(queue).__name__,
+                          seconds=CLOSE_STEP_SECONDS)
+        if await _finished(stopping, CLOSE_STEP_SECONDS):
+            stopping.result()  # what the server's stop raised, if anything
+        else:
+            stopping.cancel()
+            log.error("grpc server did not stop", open_calls=servicer.admitted,
+                      seconds=2 * CLOSE_STEP_SECONDS)
+
+
+async def _finished(task: asyncio.Future[None], seconds: float) -> bool:
+    """Whether ``task`` ended within ``seconds``; it goes on running if not."""
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    return bool(done)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:

@@ -228,3 +228,64 @@ async def test_hashed_call_ids_never_reach_the_logs(detector: Detector) -> None:
     assert {entry["event"] for entry in call_lines} >= {"stream open", "stream summary"}
     assert {entry["call_id"] for entry in call_lines} == {CallIdLogging("hash", b"k")(number)}
     assert number not in repr(logs)
+
+
+async def test_stop_finishes_while_a_stream_waits_on_a_window_no_worker_takes(
+    detector: Detector, redis_server: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis prefix with no worker: the stream's window waits for a result that never
+    comes. ``stop(0)`` still ends within its bounded steps, the client sees its call end and
+    the queue's Redis connections are closed (a stop that waits on the server before closing
+    the queue under it can wait forever: seen once in CI, after 20 streams)."""
+    import redis.asyncio
+
+    from server import app
+    from server.queue.redis_queue import RedisQueue
+
+    monkeypatch.setattr(app, "CLOSE_STEP_SECONDS", 1.0)
+    queue = RedisQueue(redis_server, "default", prefix="noworker", job_timeout=600.0)
+    admin = redis.asyncio.Redis.from_url(redis_server)
+    before = len(await admin.client_list())
+    async with serving(detector, queue, queue="redis", redis_url=redis_server) as running, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = pb_grpc.DetectionServiceStub(channel).StreamDetect()
+        await call.write(pb.StreamDetectRequest(config=stream_config()))
+        for chunk in linear16_chunks(noise_pcm(5.0)):
+            await call.write(pb.StreamDetectRequest(audio=chunk))
+        await wait_until(lambda: running.queue.depth() > 0, "a window waiting on the queue")
+        async with asyncio.timeout(8):  # 3 bounded steps of 1 s, with room for a slow CPU
+            await running.stop(0)
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in call:
+                pass
+    assert len(await admin.client_list()) <= before
+    await admin.aclose()
+
+
+async def test_stop_bounds_a_queue_that_cannot_close(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frozen broker (SIGSTOP: the sockets stay open, nothing answers) makes the Redis
+    queue's close wait out its own timeouts; ``stop`` gives it one bounded step, says so in
+    the log and returns, so that a shutdown never waits on the broker."""
+    import signal
+
+    from server import app
+    from server.queue.redis_queue import RedisQueue
+    from tests.conftest import start_redis, stop_process
+
+    monkeypatch.setattr(app, "CLOSE_STEP_SECONDS", 0.5)
+    proc, url = start_redis()
+    try:
+        queue = RedisQueue(url, "default", prefix="frozen", op_timeout=5.0)
+        async with serving(detector, queue, queue="redis", redis_url=url) as running:
+            proc.send_signal(signal.SIGSTOP)
+            with structlog.testing.capture_logs() as logs:
+                async with asyncio.timeout(4):  # the queue alone would take > 5 s
+                    await running.stop(0)
+            assert any(e["event"] == "queue did not close" and e["log_level"] == "error"
+                       for e in logs)
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop_process(proc)
