@@ -74,6 +74,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from bench.newcallers import DEFAULT_PRIOR  # noqa: E402
 from diarization.corpus import MIN_UTTERANCE_SECONDS, Utterance, load_voices  # noqa: E402
 from diarization.simulate import VERSION as SIM_VERSION  # noqa: E402
 from diarization.simulate import Segment, SimConfig, Simulator  # noqa: E402
@@ -89,8 +90,6 @@ CUT_MODES = ("reference", "stream")
 BONAFIDE_GROUPS = ("speech-commands", "corpus")
 #: speech of the synthetic voice a spoof call must have: a few sentences, or a few answers
 MIN_SYNTHETIC_SECONDS = 4.0
-#: the default model's calibration prior (Makefile DEFAULT_PRIOR, bench.newcallers)
-DEFAULT_PRIOR = 0.92
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Recipes:
   ``static: false``), quiet frames dropped (``vad_db: 30``), 32 components in both modes
   (``experiments/gmm-exploration.md``).
 - ``lfcc-gmm-fine``: ``lfcc-gmm-dd`` on 40 linear filters and 30 cepstra (20 and 20), a part
-  of the default fusion (lcnn-gmm-fusion v5).
+  of the default fusion (lcnn-gmm-fusion v6).
 - ``whisper-lr`` / ``whisper-lr-voc``: frozen Whisper tiny.en encoder + logistic
   regression, without / with the vocoded bona fide (``make vocode``) as extra spoofs.
 - ``rawnet2`` / ``rawnet2-voc``: RawNet2-tel trained per fold from
@@ -29,12 +29,12 @@ Recipes:
   (``models/configs/lcnn*_tel*.yaml`` for the default's parts, ``experiments/configs/`` for
   the rest) at full scale per fold (every training trial, 12 epochs; the ``-voc`` ones add
   the vocoded bona fide as spoofs), trained the same way; the fold scores of the default's
-  parts (``lcnn``, ``lcnn-s1``, ``lcnn-voc``) are committed in ``bench/results/loso/``, the
-  others' in ``experiments/loso/``.
+  parts (``lcnn``, ``lcnn-s1``, ``lcnn-sc-voc3``) are committed in ``bench/results/loso/``,
+  the others' (``lcnn-voc`` was a part of v5) in ``experiments/loso/``.
 - ``lcnn-sc-voc3``: the LCNN with the Speech Commands train speakers as bona fide and their
   copies through three vocoder families (HiFi-GAN, vocos-8k, nsf-8k) as spoofs, 6 epochs per
-  fold (``experiments/configs/lcnn_sc_voc3_tel.yaml``; needs ``make vocode-extra``): does
-  bona fide and vocoder breadth cost the LCNN its unseen engines?
+  fold (``models/configs/lcnn_sc_voc3_tel.yaml``, a part of the default since v6; needs
+  ``make vocode-extra``).
 - ``fusion(a+b)``: a logistic-regression fusion of the recipes' scores, weights fitted on the
   pooled LOSO scores of the other folds (leave-one-fold-out, so the fusion is LOSO too).
 - ``fusion(a=0.6+b=0.4)``: the bona-normal fusion (``models.architectures.fusion``): each
@@ -300,7 +300,7 @@ def _pct(x: float) -> str:
 FALSE_ALARMS = """False alarms: dev bona fide trials whose spoof probability reaches the service's
 alert threshold (0.5), under a calibration fitted on the pooled LOSO scores with a bona fide prior
 of {prior} (`python -m models ship`'s default, as lfcc-gmm and the default's parts ship; the
-Makefile ships the default model at 0.92); digits are trials under 1 s. Misses at that threshold,
+Makefile ships the default model at 0.935); digits are trials under 1 s. Misses at that threshold,
 per held-out engine, are in the JSON. """ + RAN
 
 

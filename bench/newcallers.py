@@ -46,7 +46,7 @@ from models.tasks.config import REPO_ROOT
 
 CACHE = REPO_ROOT / "runs" / "features"
 EXTRA = REPO_ROOT.parent / "shared" / "extra-bonafide" / "speech-commands"
-#: vocoded copies of the Speech Commands train clips (make vocode-extra: sc-train, sc-train-b,
+#: vocoded copies of the Speech Commands train clips (make vocode-extra: sc-train, sc-train-nsf,
 #: sc-train-vocos), then the corpus'
 VOCODED_EXTRA = sorted((REPO_ROOT / "runs" / "vocoded").glob("sc-train*"))
 VOCODED_CORPUS = REPO_ROOT / "runs" / "vocoded" / "train"
@@ -54,8 +54,9 @@ VOCODED_CORPUS = REPO_ROOT / "runs" / "vocoded" / "train"
 GROUPS = {"FSDD": "fsdd-digits", "LIBRISPEECH": "librispeech", "SPEECH-COMMANDS": "speech-commands"}
 REST = "rest"
 VARIANTS = ("corpus", "+sc", "+sc+voc")
-#: the default model's calibration prior (Makefile DEFAULT_PRIOR)
-DEFAULT_PRIOR = 0.92
+#: the default model's calibration prior (Makefile DEFAULT_PRIOR; the benches' one copy of it,
+#: tests/test_newcallers.py holds the two and the shipped card together)
+DEFAULT_PRIOR = 0.935
 
 
 def group_of(source: str) -> str:

@@ -243,7 +243,7 @@ def test_default_is_the_bona_normal_lcnn_fusion_calibrated_on_loso() -> None:
     assert NAMED_MODELS["default"] == NAMED_MODELS["lcnn-fusion"]
     assert detector.architecture == "fusion" and detector.card["fusion"]["combine"] == \
         "bona-normal"
-    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lcnn-s1", "lcnn-voc",
+    assert set(detector.card["fusion"]["parts"]) == {"lcnn", "lcnn-s1", "lcnn-sc-voc3",
                                                           "lfcc-gmm-fine", "lfcc-gmm-dd"}
     loso = detector.card["loso"]
     assert set(loso["per_engine_eer"]) == {f"T0{i}" for i in range(1, 7)}
@@ -290,3 +290,4 @@ def test_loso_bona_normal_fusion_ranks_each_fold_against_its_own_bona_fide() -> 
     one = fuse_bona_normal({"a": [a]}, {"a": 1.0})[0]
     np.testing.assert_allclose(fused.scores, one.scores, atol=1e-9)
     assert fused.eer() == 0.0
+

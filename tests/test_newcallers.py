@@ -56,3 +56,19 @@ def test_held_out_rates_calibrate_on_seen_sources_only() -> None:
     assert row["clips"] == 20
     assert row["flagged"] == 0.5  # the ten far below every seen genuine voice
     assert row["speakers_flagged"] == 1.0  # each of the five callers has one of them
+
+
+def test_the_benches_calibrate_at_the_prior_the_default_shipped_with() -> None:
+    """One operating point: the Makefile's DEFAULT_PRIOR (what `make train` ships), the
+    benches' copy (calls, new callers and vocoder held out calibrate their stand-ins with it)
+    and the shipped default's card must agree, or the estimates describe another model."""
+    import re
+
+    from bench.newcallers import DEFAULT_PRIOR
+    from models.inference import load_detector
+    from tests.paths import REPO
+
+    makefile = (REPO / "Makefile").read_text()
+    assert float(re.search(r"^DEFAULT_PRIOR := (\S+)$", makefile, re.M).group(1)) == DEFAULT_PRIOR
+    card = load_detector("default").card
+    assert card["bonafide_false_alarm"]["bonafide_prior"] == DEFAULT_PRIOR

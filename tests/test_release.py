@@ -19,7 +19,7 @@ from models.tasks.recipes import EXPERIMENT_CONFIGS, SHIPPED_CONFIGS
 from models.tasks.release import ReleaseError, check_output
 from tests.paths import CORPUS, REPO, require
 
-PART_FILES = {"lcnn": "lcnn.pt", "lcnn-s1": "lcnn_s1.pt", "lcnn-voc": "lcnn_voc.pt",
+PART_FILES = {"lcnn": "lcnn.pt", "lcnn-s1": "lcnn_s1.pt", "lcnn-sc-voc3": "lcnn_sc_voc3.pt",
               "lfcc-gmm-fine": "lfcc_gmm_fine.pt", "lfcc-gmm-dd": "lfcc_gmm_dd.pt"}
 
 
@@ -59,7 +59,7 @@ def test_fuse_rebuilds_the_default_from_its_parts(parts: Path, tmp_path: Path) -
     genuine reference (each part's dev bona fide scores) as the shipped default, so the same
     fused scores before calibration."""
     out = tmp_path / "fused.pt"
-    args = ["fuse", "--out", str(out), "--name", "lcnn-gmm-fusion", "--version", "5",
+    args = ["fuse", "--out", str(out), "--name", "lcnn-gmm-fusion", "--version", "6",
             "--threads", "2"]
     for recipe, name in PART_FILES.items():
         args += ["--part", f"{parts / name}={recipe}", "--weight", "0.2"]

@@ -64,7 +64,7 @@ def test_wheel_has_no_duplicated_or_withdrawn_checkpoint(wheel_names: set[str]) 
     shipped = {f"models/checkpoints/{p.name}" for p in NAMED_MODELS.values()}
     checkpoints = {n for n in wheel_names
                    if n.startswith("models/checkpoints/") and n.endswith(".pt")}
-    # The default embeds its parts (lcnn.pt, lcnn_s1.pt, lcnn_voc.pt, lfcc_gmm_fine.pt):
+    # The default embeds its parts (lcnn.pt, lcnn_s1.pt, lcnn_sc_voc3.pt, lfcc_gmm_fine.pt):
     # only the named models' files ship, and no withdrawn name's
     assert checkpoints == shipped
     for name in WITHDRAWN_MODELS:

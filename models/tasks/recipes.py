@@ -46,17 +46,17 @@ FEATURES = REPO_ROOT / "runs" / "features"
 NEURAL_RECIPES = {
     "lcnn": SHIPPED_CONFIGS / "lcnn_tel.yaml",
     "lcnn-s1": SHIPPED_CONFIGS / "lcnn_s1_tel.yaml",
-    "lcnn-voc": SHIPPED_CONFIGS / "lcnn_tel_voc.yaml",
+    "lcnn-voc": EXPERIMENT_CONFIGS / "lcnn_tel_voc.yaml",  # a part of v5
     "rawnet2": SHIPPED_CONFIGS / "rawnet2_tel.yaml",  # rawnet2-tel's recipe, folds reduced
     "rawnet2-voc": EXPERIMENT_CONFIGS / "rawnet2_tel_voc.yaml",
     "lcnn-voc-s1": EXPERIMENT_CONFIGS / "lcnn_voc_s1_tel.yaml",
     "lcnn-hr": EXPERIMENT_CONFIGS / "lcnn_hr_tel.yaml",
     "lcnn-sam": EXPERIMENT_CONFIGS / "lcnn_sam_tel.yaml",
     "lcnn-s2": EXPERIMENT_CONFIGS / "lcnn_s2_tel.yaml",
-    "lcnn-sc-voc3": EXPERIMENT_CONFIGS / "lcnn_sc_voc3_tel.yaml",
+    "lcnn-sc-voc3": SHIPPED_CONFIGS / "lcnn_sc_voc3_tel.yaml",
 }
 #: the neural recipes whose committed folds calibrate the shipped default (its LCNN parts)
-SHIPPED_RECIPES = frozenset({"lcnn", "lcnn-s1", "lcnn-voc"})
+SHIPPED_RECIPES = frozenset({"lcnn", "lcnn-s1", "lcnn-sc-voc3"})
 #: each neural recipe's fold scale (corpus training trials, 0: all; epochs): RawNet2 folds
 #: are reduced (a full-scale fold is ~1.5 h on this CPU); an LCNN fold at full scale is ~10 min
 FOLD_SCALE = {"rawnet2": (1600, 6), "rawnet2-voc": (1600, 6), "lcnn": (0, 12),
@@ -113,8 +113,10 @@ def gmm_folds(train: list[Trial], dev: list[Trial], root: Path, systems: list[st
     from models.data.asvspoof import audio_path
     from models.data.audio import load_audio, repeat_pad
 
-    if cache.is_file():
-        return [FoldScores.from_json(f) for f in json.loads(cache.read_text())]
+    if cache.is_file():  # a cache of other engines' folds (a partial run) is refitted
+        cached = [FoldScores.from_json(f) for f in json.loads(cache.read_text())]
+        if [f.held_out for f in cached] == list(systems):
+            return cached
     train_dir = ASVspoofSplit(root, "train").audio_dir
     dev_dir = ASVspoofSplit(root, "dev").audio_dir
     waves = {t.utt_id: load_audio(audio_path(train_dir, t.utt_id), 8000) for t in train}
