@@ -15,7 +15,7 @@ CORPUS := ../shared/corpus
 VOCODED := runs/vocoded/train
 # The default model's fusion recipe (weights per part) and calibration prior (LCNN_FUSION_CARD.md)
 DEFAULT_RECIPE := lcnn=0.2+lcnn-s1=0.2+lcnn-sc-voc3=0.2+lfcc-gmm-fine=0.2+lfcc-gmm-dd=0.2
-DEFAULT_PRIOR := 0.935
+DEFAULT_PRIOR := 0.92
 # Where `make train` keeps the default's parts before fusing them (`python -m models unfuse`
 # writes them back out of the shipped default)
 PARTS := runs/release

@@ -358,6 +358,16 @@ class _FoldGMM(LFCCGMM):
         return self._cache[key]
 
 
+def _file_tag(model: str | None) -> str:
+    """A short digest of a model's checkpoint file ('' for none)."""
+    if not model:
+        return ""
+    from models.inference import NAMED_MODELS
+
+    path = Path(NAMED_MODELS.get(model, model))
+    return "-" + hashlib.sha1(path.read_bytes()).hexdigest()[:8] if path.is_file() else ""
+
+
 def _config_tag(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -667,10 +677,12 @@ def run(args: argparse.Namespace) -> int:
     # One file per call: a call is the same bytes in every plan that has it (its draw is
     # keyed by engine or group and index), so a larger plan or an interrupted run goes on
     # from the calls already scored. The key names everything a call's scores depend on,
-    # the simulator's version included (a fix to its draws changes the calls).
+    # the simulator's version included (a fix to its draws changes the calls), and the
+    # calibrations the stored probabilities came from: the fold detectors' prior and the
+    # shipped model's file (a re-shipped `default` keeps its name, not its scores).
     key = (f"sim{SIM_VERSION}-{plan.seconds[0]:g}-{plan.seconds[1]:g}s-min"
            f"{MIN_SYNTHETIC_SECONDS:g}-seed{args.seed}-{'+'.join(info['parts'])}-"
-           f"{args.shipped or 'none'}")
+           f"p{args.prior:g}-{args.shipped or 'none'}{_file_tag(args.shipped)}")
     folder = args.cache / "scored" / key
     folder.mkdir(parents=True, exist_ok=True)
     shipped = diarizer = None

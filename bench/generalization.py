@@ -300,7 +300,7 @@ def _pct(x: float) -> str:
 FALSE_ALARMS = """False alarms: dev bona fide trials whose spoof probability reaches the service's
 alert threshold (0.5), under a calibration fitted on the pooled LOSO scores with a bona fide prior
 of {prior} (`python -m models ship`'s default, as lfcc-gmm and the default's parts ship; the
-Makefile ships the default model at 0.935); digits are trials under 1 s. Misses at that threshold,
+Makefile ships the default model at 0.92); digits are trials under 1 s. Misses at that threshold,
 per held-out engine, are in the JSON. """ + RAN
 
 
