@@ -230,6 +230,7 @@ def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
         ElementClickInterceptedException,
         ElementNotInteractableException,
         StaleElementReferenceException,
+        WebDriverException,
     )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -237,9 +238,19 @@ def test_analyst_follows_a_spoof_call_live_and_marks_a_false_alarm(
     def until(condition: Callable[[Any], Any], what: str, within: float = WAIT) -> Any:
         # The page re-renders rows as events arrive: an element found a moment ago can be
         # gone by the time the condition reads it; that is "not yet", not a failure.
+        # Chromium reports a node replaced between find and read either as a stale element
+        # or, seen in CI, as an inspector error naming a node no longer in the document.
+        def attempt(d: Any) -> Any:
+            try:
+                return condition(d)
+            except WebDriverException as e:
+                if "does not belong to the document" in str(e.msg):
+                    return False
+                raise
+
         return WebDriverWait(browser, within, poll_frequency=0.1,
                              ignored_exceptions=(StaleElementReferenceException,)
-                             ).until(condition, what)
+                             ).until(attempt, what)
 
     call_id = f"e2e-{uuid.uuid4().hex[:8]}"
     with screenshot_on_failure(browser, "spoof-call"):
